@@ -1,0 +1,3 @@
+from dicomcloud.cli import app
+
+app()

@@ -1,0 +1,192 @@
+"""Filesystem storage (``file:///path``): local disk or a shared NAS/NFS mount.
+
+Layout (DESIGN.md)::
+
+    {root}/{tenant_id}/{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm
+    {root}/metadata/{tenant_id}/{StudyInstanceUID}/{SeriesInstanceUID}.json
+    {root}/metadata/{tenant_id}/{StudyInstanceUID}.json
+    {root}/.staging/                 files being received (removed at start)
+
+A file is written under ``.staging``, fsynced, renamed into place (atomic on POSIX, so a
+reader sees the old or the new file, never half of one) and its directory fsynced: after
+``commit`` returns, the instance survives ``kill -9`` and power loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import uuid
+from pathlib import Path
+from typing import IO
+from urllib.parse import unquote, urlsplit
+
+from dicomcloud.errors import BackendError, BadRequest
+from dicomcloud.model import InstanceKey
+from dicomcloud.uids import is_valid_uid
+
+log = logging.getLogger(__name__)
+_SEGMENT_RE = re.compile(r"^[A-Za-z0-9._-]{1,80}$")
+
+
+class FileStaged:
+    """A file under ``.staging`` being written."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fh: IO[bytes] | None = open(path, "xb")  # noqa: SIM115 - closed in close()
+        self._size = 0
+
+    def write(self, data: bytes) -> None:
+        assert self._fh is not None, "write after close"
+        self._fh.write(data)
+        self._size += len(data)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def close(self, fsync: bool) -> None:
+        if self._fh is None:
+            return
+        try:
+            self._fh.flush()
+            if fsync:
+                os.fsync(self._fh.fileno())
+        finally:
+            self._fh.close()
+            self._fh = None
+
+
+class FileStorage:
+    """``Storage`` port on a POSIX filesystem."""
+
+    def __init__(self, url: str, *, fsync: bool = True) -> None:
+        parts = urlsplit(url)
+        if parts.scheme != "file" or not parts.path:
+            raise BackendError(f"storage URL {url!r}: expected file:///absolute/path")
+        self.root = Path(unquote(parts.path))
+        self.fsync = fsync
+        self._staging = self.root / ".staging"
+        self._known_dirs: set[Path] = set()
+
+    async def __aenter__(self) -> FileStorage:
+        try:
+            self._staging.mkdir(parents=True, exist_ok=True)
+            (self.root / "metadata").mkdir(exist_ok=True)
+        except OSError as exc:
+            raise BackendError(f"storage root {self.root} is not writable: {exc}") from exc
+        self._sweep_staging()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def _sweep_staging(self) -> None:
+        """Remove files left by a crash mid-receive: they were never acknowledged."""
+        stale = 0
+        for path in self._staging.iterdir():
+            if path.name.endswith(".part"):
+                path.unlink(missing_ok=True)
+                stale += 1
+        if stale:
+            log.info("removed %d unacknowledged partial file(s) from %s", stale, self._staging)
+
+    def stage(self) -> FileStaged:
+        try:
+            return FileStaged(self._staging / f"{uuid.uuid4().hex}.part")
+        except OSError as exc:
+            raise BackendError(f"cannot create a file in {self._staging}: {exc}") from exc
+
+    def commit(self, staged: FileStaged, key: InstanceKey) -> int:  # type: ignore[override]
+        target = self._instance_path(key)
+        try:
+            staged.close(self.fsync)
+            self._ensure_dir(target.parent)
+            try:
+                os.replace(staged.path, target)
+            except FileNotFoundError:  # directory removed behind our back: make it again
+                self._known_dirs.discard(target.parent)
+                self._ensure_dir(target.parent)
+                os.replace(staged.path, target)
+            if self.fsync:
+                _fsync_dir(target.parent)
+        except OSError as exc:
+            self.discard(staged)
+            raise BackendError(f"cannot store {key.relative_path}: {exc}") from exc
+        return staged.size
+
+    def discard(self, staged: FileStaged) -> None:  # type: ignore[override]
+        try:
+            staged.close(fsync=False)
+        finally:
+            staged.path.unlink(missing_ok=True)
+
+    def open(self, relative_path: str) -> IO[bytes]:
+        return open(self._resolve(relative_path), "rb")  # noqa: SIM115 - caller closes
+
+    def remove(self, relative_path: str) -> None:
+        self._resolve(relative_path).unlink(missing_ok=True)
+
+    def write_metadata(self, relative_path: str, data: bytes) -> None:
+        target = self._resolve(f"metadata/{relative_path}")
+        tmp = self._staging / f"{uuid.uuid4().hex}.meta.part"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                if self.fsync:
+                    os.fsync(fh.fileno())
+            self._ensure_dir(target.parent)
+            os.replace(tmp, target)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise BackendError(f"cannot write metadata {relative_path}: {exc}") from exc
+
+    def read_metadata(self, relative_path: str) -> bytes | None:
+        try:
+            return self._resolve(f"metadata/{relative_path}").read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def path_of(self, relative_path: str) -> Path:
+        """Absolute path of a stored file (for zero-copy reads by the web role)."""
+        return self._resolve(relative_path)
+
+    def _instance_path(self, key: InstanceKey) -> Path:
+        for uid in (key.study_uid, key.series_uid, key.sop_uid):
+            if not is_valid_uid(uid):
+                raise BadRequest(f"refusing to build a path from invalid UID {uid[:70]!r}")
+        return self._resolve(key.relative_path)
+
+    def _resolve(self, relative_path: str) -> Path:
+        """Join a layout path to the root, refusing anything that could escape it."""
+        segments = relative_path.split("/")
+        if not all(_SEGMENT_RE.match(s) and s not in (".", "..") for s in segments):
+            raise BadRequest(f"invalid storage path {relative_path[:120]!r}")
+        return self.root.joinpath(*segments)
+
+    def _ensure_dir(self, directory: Path) -> None:
+        if directory in self._known_dirs:
+            return
+        missing = []
+        probe = directory
+        while not probe.exists():
+            missing.append(probe)
+            probe = probe.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.fsync:
+            for created in reversed(missing):
+                _fsync_dir(created.parent)
+        if len(self._known_dirs) > 100_000:
+            self._known_dirs.clear()
+        self._known_dirs.add(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

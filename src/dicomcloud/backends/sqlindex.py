@@ -1,0 +1,367 @@
+"""Index on SQLAlchemy async: SQLite (aiosqlite) embedded, PostgreSQL (asyncpg) distributed.
+
+One implementation for both dialects: the SQL is portable except for the upsert construct
+and the string aggregate, chosen by dialect below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from dicomcloud.backends.sqlschema import instance, json_meta, migrate, state
+from dicomcloud.errors import BackendError
+from dicomcloud.model import IndexedInstance, InstanceRow, JsonTask, SeriesRef, utcnow
+from dicomcloud.query import Match, Query, like_pattern
+
+log = logging.getLogger(__name__)
+
+_STATE_KEY = ("tenant_id", "study_uid", "series_uid")
+_STUDY_COLUMNS = (
+    "patient_id", "patient_name", "patient_sex", "patient_birth_date", "study_date_origin",
+    "study_time", "accession_number", "study_id", "study_description",
+    "referring_physician_name", "specific_character_set",
+)
+_SERIES_COLUMNS = (
+    "modality", "series_number", "series_description", "body_part_examined", "series_date",
+    "series_time", "series_related_instances",
+)
+
+
+class SqlIndex:
+    """``Index`` port on SQLAlchemy async."""
+
+    def __init__(self, url: str, *, auto_migrate: bool = True) -> None:
+        self.url = url
+        self.auto_migrate = auto_migrate
+        self._engine: AsyncEngine | None = None
+
+    async def __aenter__(self) -> SqlIndex:
+        try:
+            self._engine = _make_engine(self.url)
+            if self.auto_migrate:
+                async with self._engine.begin() as conn:
+                    await migrate(conn)
+        except (SQLAlchemyError, OSError) as exc:
+            raise BackendError(f"index {_safe(self.url)} unavailable: {exc}") from exc
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._engine is not None:
+            await self._engine.dispose()
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @property
+    def engine(self) -> AsyncEngine:
+        if self._engine is None:
+            raise BackendError("index used before it was opened")
+        return self._engine
+
+    async def apply(
+        self, items: Sequence[IndexedInstance]
+    ) -> tuple[list[SeriesRef], list[str]]:
+        if not items:
+            return [], []
+        latest = {(i.event.tenant_id, i.event.sop_uid): i for i in items}
+        now = utcnow()
+        try:
+            async with self.engine.begin() as conn:
+                moved, orphans = await self._moved(conn, latest.values())
+                touched = await self._upsert(conn, list(latest.values()), now)
+                await self._recount(conn, touched | moved, now)
+        except SQLAlchemyError as exc:
+            raise BackendError(f"index write failed: {exc}") from exc
+        ordered = sorted(touched, key=lambda r: (r.tenant_id, r.study_uid, r.series_uid))
+        return ordered, orphans
+
+    async def _moved(
+        self, conn: AsyncConnection, items: Iterable[IndexedInstance]
+    ) -> tuple[set[SeriesRef], list[str]]:
+        """Series losing an instance re-sent under another study/series, and its old file."""
+        by_tenant: dict[str, dict[str, SeriesRef]] = {}
+        for item in items:
+            e = item.event
+            by_tenant.setdefault(e.tenant_id, {})[e.sop_uid] = SeriesRef(
+                e.tenant_id, e.study_uid, e.series_uid)
+        moved: set[SeriesRef] = set()
+        orphans: list[str] = []
+        i = instance.c
+        for tenant, sops in by_tenant.items():
+            for chunk in _chunks(list(sops), 500):
+                rows = await conn.execute(
+                    sa.select(i.sop_uid, i.study_uid, i.series_uid, i.file_path)
+                    .where(i.tenant_id == tenant, i.sop_uid.in_(chunk)))
+                for sop, study, series, path in rows:
+                    old = SeriesRef(tenant, study, series)
+                    if old != sops[sop]:
+                        moved.add(old)
+                        orphans.append(path)
+        return moved, orphans
+
+    async def _upsert(
+        self, conn: AsyncConnection, items: list[IndexedInstance], now: dt.datetime
+    ) -> set[SeriesRef]:
+        insert = _insert_for(conn)
+        instance_rows = [_instance_row(i, now) for i in items]
+        stmt = insert(instance)
+        await conn.execute(stmt.on_conflict_do_update(
+            index_elements=["tenant_id", "sop_uid"],
+            set_={c: stmt.excluded[c] for c in instance_rows[0] if c not in
+                  ("tenant_id", "sop_uid", "created_time")}), instance_rows)
+        series: dict[SeriesRef, IndexedInstance] = {}
+        for item in items:
+            e = item.event
+            series[SeriesRef(e.tenant_id, e.study_uid, e.series_uid)] = item
+        state_rows = [_state_row(i, now) for i in series.values()]
+        stmt = insert(state)
+        await conn.execute(stmt.on_conflict_do_update(
+            index_elements=list(_STATE_KEY),
+            set_={c: stmt.excluded[c] for c in state_rows[0] if c not in
+                  (*_STATE_KEY, "created_time", "series_related_instances")}), state_rows)
+        flag_rows = [{
+            "tenant_id": r.tenant_id, "study_uid": r.study_uid, "series_uid": r.series_uid,
+            "study_uid_hash": i.state.study_uid_hash, "series_uid_hash": i.state.series_uid_hash,
+            "study_date_origin": i.state.study_date_origin, "flag_time": now,
+            "created_time": now, "json_status": 0, "retry_times": 0,
+        } for r, i in series.items()]
+        stmt = insert(json_meta)
+        await conn.execute(stmt.on_conflict_do_update(
+            index_elements=list(_STATE_KEY),
+            set_={"flag_time": stmt.excluded.flag_time, "json_status": 0, "retry_times": 0}),
+            flag_rows)
+        return set(series)
+
+    async def _recount(
+        self, conn: AsyncConnection, refs: set[SeriesRef], now: dt.datetime
+    ) -> None:
+        for ref in refs:
+            where = _series_where(instance, ref)
+            count = (await conn.execute(
+                sa.select(sa.func.count()).select_from(instance).where(*where))).scalar_one()
+            state_where = _series_where(state, ref)
+            if count:
+                await conn.execute(state.update().where(*state_where).values(
+                    series_related_instances=count, updated_time=now))
+            else:
+                await conn.execute(state.delete().where(*state_where))
+                await conn.execute(json_meta.delete().where(*_series_where(json_meta, ref)))
+
+    async def series_state(self, refs: Iterable[SeriesRef]) -> list[dict[str, Any]]:
+        out = []
+        async with self.engine.connect() as conn:
+            for ref in refs:
+                row = (await conn.execute(
+                    sa.select(state).where(*_series_where(state, ref)))).mappings().first()
+                if row is not None:
+                    out.append(dict(row))
+        return out
+
+    async def search(self, query: Query) -> list[dict[str, Any]]:
+        try:
+            async with self.engine.connect() as conn:
+                stmt = _search_statement(query, conn.dialect.name)
+                return [dict(r) for r in (await conn.execute(stmt)).mappings()]
+        except SQLAlchemyError as exc:
+            raise BackendError(f"index query failed: {exc}") from exc
+
+    async def instances(
+        self, tenant_id: str, study_uid: str, series_uid: str | None = None
+    ) -> list[InstanceRow]:
+        i = instance.c
+        where = [i.tenant_id == tenant_id, i.study_uid == study_uid]
+        if series_uid is not None:
+            where.append(i.series_uid == series_uid)
+        fields = [f.name for f in dataclasses.fields(InstanceRow)]
+        stmt = (sa.select(*(instance.c[f] for f in fields)).where(*where)
+                .order_by(i.series_uid, i.instance_number, i.sop_uid))
+        async with self.engine.connect() as conn:
+            return [InstanceRow(**r) for r in (await conn.execute(stmt)).mappings()]
+
+    async def previous_path(self, tenant_id: str, sop_uid: str) -> str | None:
+        stmt = sa.select(instance.c.file_path).where(
+            instance.c.tenant_id == tenant_id, instance.c.sop_uid == sop_uid)
+        async with self.engine.connect() as conn:
+            return (await conn.execute(stmt)).scalar_one_or_none()
+
+    async def due_series(
+        self, flagged_before: dt.datetime, max_retries: int, limit: int
+    ) -> list[JsonTask]:
+        j = json_meta.c
+        stmt = (sa.select(j.tenant_id, j.study_uid, j.series_uid, j.flag_time, j.retry_times)
+                .where(j.flag_time <= flagged_before,
+                       sa.or_(j.json_status == 0,
+                              sa.and_(j.json_status == 2, j.retry_times < max_retries)))
+                .order_by(j.flag_time).limit(limit))
+        async with self.engine.connect() as conn:
+            return [JsonTask(**r) for r in (await conn.execute(stmt)).mappings()]
+
+    async def finish_series(self, task: JsonTask, ok: bool) -> bool:
+        j = json_meta.c
+        values: dict[str, Any] = {"json_status": 1}
+        if not ok:
+            values = {"json_status": 2, "retry_times": task.retry_times + 1,
+                      "flag_time": utcnow()}
+        stmt = json_meta.update().where(
+            j.tenant_id == task.tenant_id, j.study_uid == task.study_uid,
+            j.series_uid == task.series_uid, j.flag_time == task.flag_time,
+            j.json_status != 1).values(**values)
+        async with self.engine.begin() as conn:
+            return bool((await conn.execute(stmt)).rowcount)
+
+    async def count_instances(self, tenant_id: str | None = None) -> int:
+        stmt = sa.select(sa.func.count()).select_from(instance)
+        if tenant_id is not None:
+            stmt = stmt.where(instance.c.tenant_id == tenant_id)
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(stmt)).scalar_one())
+
+
+def _make_engine(url: str) -> AsyncEngine:
+    if url.startswith("sqlite"):
+        engine = create_async_engine(url, connect_args={"timeout": 60})
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    return create_async_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    # WAL: readers never block the writer. synchronous=FULL: a committed index row survives
+    # power loss, because the queue offset is committed right after it.
+    for pragma in ("journal_mode=WAL", "synchronous=FULL", "busy_timeout=60000",
+                   "case_sensitive_like=ON", "temp_store=MEMORY", "cache_size=-65536"):
+        cur.execute(f"PRAGMA {pragma}")
+    cur.close()
+
+
+def _insert_for(conn: AsyncConnection) -> Any:
+    if conn.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
+
+
+def _safe(url: str) -> str:
+    from dicomcloud.config import mask_url
+
+    return mask_url(url)
+
+
+def _chunks(items: list[str], size: int) -> Iterable[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def _series_where(table: sa.Table, ref: SeriesRef) -> list[sa.ColumnElement[bool]]:
+    return [table.c.tenant_id == ref.tenant_id, table.c.study_uid == ref.study_uid,
+            table.c.series_uid == ref.series_uid]
+
+
+def _to_date(text: str | None) -> dt.date | None:
+    return dt.date.fromisoformat(text) if text else None
+
+
+def _instance_row(item: IndexedInstance, now: dt.datetime) -> dict[str, Any]:
+    e, img = item.event, item.image
+    return {
+        "tenant_id": e.tenant_id, "sop_uid": e.sop_uid, "study_uid": e.study_uid,
+        "series_uid": e.series_uid, "sop_class_uid": img.sop_class_uid,
+        "instance_number": img.instance_number, "transfer_syntax_uid": e.transfer_syntax_uid,
+        "number_of_frames": e.number_of_frames, "image_rows": img.rows,
+        "image_columns": img.columns, "bits_allocated": img.bits_allocated,
+        "file_path": e.file_path, "file_size": e.file_size, "created_time": now,
+        "updated_time": now,
+    }
+
+
+def _state_row(item: IndexedInstance, now: dt.datetime) -> dict[str, Any]:
+    row = dataclasses.asdict(item.state)
+    for name in ("study_date", "patient_birth_date", "series_date"):
+        row[name] = _to_date(row[name])
+    row.update(dataclasses.asdict(item.extra))
+    row["created_time"] = row["updated_time"] = now
+    row["series_related_instances"] = 0
+    return row
+
+
+def _condition(match: Match, column: sa.ColumnElement[Any]) -> sa.ColumnElement[bool]:
+    """PS3.4 C.2.2.2 matching on one column; PN is case-insensitive (PS3.18 10.6.1.2.1)."""
+    attr = match.attribute
+    values: list[Any] = list(match.values)
+    if attr.vr == "DA" and attr.column != "study_date_origin":
+        values = [dt.date(int(v[:4]), int(v[4:6]), int(v[6:8])) if v else None for v in values]
+    elif attr.vr == "IS":
+        values = [int(v) for v in values]
+    if match.kind == "range":
+        lo, hi = values
+        parts = ([column >= lo] if lo else []) + ([column <= hi] if hi else [])
+        return sa.and_(*parts)
+    if match.kind == "list":
+        return column.in_(values)
+    if attr.vr == "PN":
+        lowered = sa.func.lower(column)
+        if match.kind == "wildcard":
+            pattern = like_pattern(str(values[0]).lower())
+            return sa.or_(lowered.like(pattern, escape="\\"),
+                          lowered.like(pattern + "=%", escape="\\"))
+        value = str(values[0]).lower()
+        return sa.or_(lowered == value, lowered.like(like_pattern(value) + "=%", escape="\\"))
+    if match.kind == "wildcard":
+        return column.like(like_pattern(str(values[0])), escape="\\")
+    return column == values[0]
+
+
+def _search_statement(query: Query, dialect: str) -> sa.Select[Any]:
+    s, i = state.c, instance.c
+    where: list[sa.ColumnElement[bool]] = [s.tenant_id == query.tenant_id]
+    if query.study_uid:
+        where.append(s.study_uid == query.study_uid)
+    if query.series_uid:
+        where.append(s.series_uid == query.series_uid)
+    for match in query.matches:
+        attr = match.attribute
+        if attr.keyword == "ModalitiesInStudy":
+            sub = sa.select(s.study_uid).where(
+                s.tenant_id == query.tenant_id, _condition(match, s.modality))
+            where.append(s.study_uid.in_(sub))
+        elif attr.level == "instance":
+            where.append(_condition(match, i[attr.column]))
+        else:
+            where.append(_condition(match, s[attr.column]))
+    if query.level == "study":
+        aggregate = (sa.func.string_agg(sa.distinct(s.modality), sa.literal_column("','"))
+                     if dialect == "postgresql"
+                     else sa.func.group_concat(sa.distinct(s.modality)))
+        cols = [s.study_uid] + [sa.func.max(s[c]).label(c) for c in _STUDY_COLUMNS] + [
+            sa.func.count().label("number_of_series"),
+            sa.func.sum(s.series_related_instances).label("number_of_instances"),
+            aggregate.label("modalities"),
+        ]
+        stmt = (sa.select(*cols).where(*where).group_by(s.study_uid)
+                .order_by(sa.func.max(s.study_date_origin).desc(), s.study_uid))
+    elif query.level == "series":
+        cols = [s.study_uid, s.series_uid, *(s[c] for c in _STUDY_COLUMNS + _SERIES_COLUMNS)]
+        stmt = (sa.select(*cols).where(*where)
+                .order_by(s.study_uid, s.series_number, s.series_uid))
+    else:
+        cols = [s.study_uid, s.series_uid, *(s[c] for c in _STUDY_COLUMNS + _SERIES_COLUMNS),
+                i.sop_uid, i.sop_class_uid, i.instance_number, i.transfer_syntax_uid,
+                i.number_of_frames, i.image_rows, i.image_columns, i.bits_allocated]
+        join = instance.join(state, sa.and_(
+            i.tenant_id == s.tenant_id, i.study_uid == s.study_uid,
+            i.series_uid == s.series_uid))
+        stmt = (sa.select(*cols).select_from(join).where(*where)
+                .order_by(s.study_uid, s.series_uid, i.instance_number, i.sop_uid))
+    return stmt.limit(query.limit).offset(query.offset)

@@ -1,0 +1,260 @@
+"""Settings: read once from dynaconf, typed, frozen, passed down.
+
+This is the only module that touches dynaconf or the environment. Sources, later wins:
+
+1. the defaults below (``config/settings.toml`` documents every one of them),
+2. ``config/settings.toml`` and ``config/settings.local.toml`` in the working directory,
+3. the file given with ``--config``,
+4. environment variables ``DICOMCLOUD_<NAME>``; nested tables use a double underscore,
+   e.g. ``DICOMCLOUD_SCP__PORT=104`` or ``DICOMCLOUD_WEB__MAX_UPLOAD_BYTES=1000000``,
+5. command-line options of ``dicomcloud run``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from dicomcloud.errors import ConfigError
+
+ROLES = ("scp", "consumer", "web", "worker")
+_TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+RESERVED_TENANTS = frozenset({"metadata", "tmp", "staging"})
+
+
+@dataclass(frozen=True)
+class ScpSettings:
+    """DIMSE server (role ``scp``)."""
+
+    ae_title: str = "DICOMCLOUD"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    max_associations: int = 32
+    #: Calling AE titles allowed to associate; empty means any.
+    allowed_calling_aets: tuple[str, ...] = ()
+    #: Called AE title -> tenant. The archive's own AE title maps to ``default_tenant``.
+    ae_tenants: Mapping[str, str] = field(default_factory=dict)
+    #: Largest P-DATA PDU we accept (bytes); larger means fewer round trips per image.
+    max_pdu_size: int = 4_194_304
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 120.0
+
+
+@dataclass(frozen=True)
+class WebSettings:
+    """DICOMweb server (role ``web``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    root: str = "/dicomweb"
+    max_upload_bytes: int = 4 * 1024**3
+    qido_default_limit: int = 1000
+    qido_max_limit: int = 10000
+    graceful_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class ConsumerSettings:
+    """Indexer of ``storage_queue`` (role ``consumer``)."""
+
+    batch_size: int = 500
+    group: str = "dicomcloud-consumer"
+    max_attempts: int = 5
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Metadata generator and housekeeping (role ``worker``)."""
+
+    quiet_seconds: float = 10.0
+    scan_interval_seconds: float = 2.0
+    max_retries: int = 5
+    batch_size: int = 50
+    #: Messages kept in the embedded queue for topics nobody consumes (analytics), in days.
+    queue_retention_days: float = 7.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All settings of one process."""
+
+    data_dir: Path = Path("./dicomcloud-data")
+    roles: tuple[str, ...] = ROLES
+    default_tenant: str = "default"
+    index_url: str = ""
+    queue_url: str = ""
+    cache_url: str = ""
+    storage_url: str = ""
+    #: fsync files and directories before acknowledging (turn off only for throwaway data).
+    fsync: bool = True
+    node_id: str = field(default_factory=socket.gethostname)
+    log_level: str = "INFO"
+    scp: ScpSettings = field(default_factory=ScpSettings)
+    web: WebSettings = field(default_factory=WebSettings)
+    consumer: ConsumerSettings = field(default_factory=ConsumerSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+
+    @property
+    def resolved_index_url(self) -> str:
+        """``index_url``, or the embedded SQLite file in the data directory."""
+        return self.index_url or f"sqlite+aiosqlite:///{self.data_dir.resolve() / 'index.db'}"
+
+    @property
+    def resolved_queue_url(self) -> str:
+        """``queue_url``, or the embedded durable queue in the data directory."""
+        return self.queue_url or f"local://{self.data_dir.resolve() / 'queue.db'}"
+
+    @property
+    def resolved_cache_url(self) -> str:
+        """``cache_url``, or the in-process cache."""
+        return self.cache_url or "memory://"
+
+    @property
+    def resolved_storage_url(self) -> str:
+        """``storage_url``, or ``storage/`` in the data directory."""
+        return self.storage_url or f"file://{self.data_dir.resolve() / 'storage'}"
+
+    def tenant_for_called_ae(self, called_ae: str) -> str | None:
+        """Tenant served under a called AE title, None when the title is unknown."""
+        title = called_ae.strip()
+        if title in self.scp.ae_tenants:
+            return self.scp.ae_tenants[title]
+        if title == self.scp.ae_title:
+            return self.default_tenant
+        return None
+
+
+def validate_tenant(tenant: str) -> str:
+    """Check a tenant id: it becomes a path segment and a key prefix."""
+    if not _TENANT_RE.match(tenant) or tenant in RESERVED_TENANTS:
+        raise ConfigError(
+            f"invalid tenant id {tenant!r}: use 1-64 lowercase letters, digits, '-' or '_' "
+            f"(not {', '.join(sorted(RESERVED_TENANTS))})"
+        )
+    return tenant
+
+
+def mask_url(url: str) -> str:
+    """Hide the password of a URL for display."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Read settings from files and the environment, then apply ``overrides``.
+
+    Args:
+        config_file: an extra TOML file (``--config``), read after ``config/settings*.toml``.
+        **overrides: top-level or ``section__name`` values (e.g. ``scp__port=104``); None is
+            ignored so command-line options that were not given change nothing.
+    """
+    from dynaconf import Dynaconf  # imported here: slow, and only this module may use it
+
+    files = ["config/settings.toml", "config/settings.local.toml"]
+    if config_file is not None:
+        if not config_file.is_file():
+            raise ConfigError(f"config file {config_file} does not exist")
+        files.append(str(config_file))
+    raw = Dynaconf(
+        envvar_prefix="DICOMCLOUD",
+        settings_files=files,
+        environments=False,
+        merge_enabled=True,
+        load_dotenv=False,
+    ).as_dict()
+    values = {k.lower(): v for k, v in raw.items()}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        section, _, name = key.partition("__")
+        if name:
+            values.setdefault(section, {})
+            values[section] = {**{k.lower(): v for k, v in values[section].items()}, name: value}
+        else:
+            values[key] = value
+    return _build(values)
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "scp": ScpSettings,
+    "web": WebSettings,
+    "consumer": ConsumerSettings,
+    "worker": WorkerSettings,
+}
+
+
+def _build(values: Mapping[str, Any]) -> Settings:
+    kwargs: dict[str, Any] = {}
+    names = {f.name: f for f in dataclasses.fields(Settings)}
+    for key, value in values.items():
+        if key in _SECTIONS:
+            kwargs[key] = _section(_SECTIONS[key], key, value)
+        elif key in names:
+            kwargs[key] = _coerce(key, names[key].type, value)
+    settings = Settings(**kwargs)
+    _check(settings)
+    return settings
+
+
+def _section(cls: type[Any], section: str, value: Any) -> Any:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"[{section}] must be a table")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, item in value.items():
+        key = key.lower()
+        if key not in names:
+            raise ConfigError(f"unknown setting {section}.{key}; see config/settings.toml")
+        kwargs[key] = _coerce(f"{section}.{key}", names[key].type, item)
+    return cls(**kwargs)
+
+
+def _coerce(name: str, annotation: Any, value: Any) -> Any:
+    kind = str(annotation)
+    try:
+        if kind.startswith("tuple"):
+            if isinstance(value, str):
+                value = [v for v in (p.strip() for p in value.split(",")) if v]
+            return tuple(str(v) for v in value)
+        if kind == "Path":
+            return Path(str(value))
+        if kind == "bool":
+            if isinstance(value, str):
+                return value.strip().lower() in {"1", "true", "yes", "on"}
+            return bool(value)
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+        if kind.startswith("Mapping"):
+            return {str(k).upper() if name.endswith("ae_tenants") else str(k): str(v)
+                    for k, v in dict(value).items()}
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name}: cannot use {value!r} ({exc})") from exc
+
+
+def _check(settings: Settings) -> None:
+    unknown = set(settings.roles) - set(ROLES)
+    if unknown or not settings.roles:
+        raise ConfigError(
+            f"unknown role(s) {', '.join(sorted(unknown)) or '(none given)'}; "
+            f"choose from {','.join(ROLES)}"
+        )
+    validate_tenant(settings.default_tenant)
+    for tenant in settings.scp.ae_tenants.values():
+        validate_tenant(tenant)
+    if not 0 < len(settings.scp.ae_title.strip()) <= 16:
+        raise ConfigError("scp.ae_title must be 1-16 characters (PS3.5 AE value representation)")
+    if not settings.web.root.startswith("/") or settings.web.root.endswith("/"):
+        raise ConfigError("web.root must start with '/' and not end with one, e.g. /dicomweb")

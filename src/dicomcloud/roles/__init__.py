@@ -1,0 +1,1 @@
+"""The four roles; the only modules that import pynetdicom or starlette."""

@@ -1,0 +1,120 @@
+"""Role ``consumer``: indexes ``storage_queue`` and feeds the analytics topics.
+
+For each batch: read the stored files' headers, upsert the index in one transaction, publish
+``DicomStateMeta`` (per touched series) and ``DicomImageMeta`` (per instance), and only then
+commit the queue position. A crash anywhere redelivers the batch; the upserts make that
+harmless, so every acknowledged instance is indexed exactly once.
+
+A message that keeps failing (its file unreadable, say) is retried ``max_attempts`` times
+and then parked on ``storage_queue.dlq`` with the error, so it never blocks the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pydicom
+
+from dicomcloud.errors import BackendError
+from dicomcloud.extract import indexed_instance, state_body
+from dicomcloud.model import IndexedInstance, StoredObject, body
+from dicomcloud.ports import Message, Outgoing
+from dicomcloud.runtime import Runtime
+
+log = logging.getLogger(__name__)
+TOPIC = "storage_queue"
+DEAD_LETTER = "storage_queue.dlq"
+_FETCH_WAIT = 0.5
+
+
+class Consumer:
+    """The consumer loop of one process."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.settings = runtime.settings.consumer
+        self._failures: dict[tuple[int, int], int] = {}
+
+    async def run(self, stop: asyncio.Event) -> None:
+        queue, group = self.runtime.queue, self.settings.group
+        backoff = 0.5
+        while not stop.is_set():
+            messages = await queue.fetch(TOPIC, group, self.settings.batch_size, _FETCH_WAIT)
+            if not messages:
+                continue
+            try:
+                await self.process(messages)
+            except BackendError as exc:
+                log.error("indexing a batch of %d failed, retrying in %.1f s: %s",
+                          len(messages), backoff, exc.message)
+                await queue.rewind(TOPIC, group)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            backoff = 0.5
+            await queue.commit(group, messages)
+
+    async def process(self, messages: list[Message]) -> None:
+        """Index one batch and publish its analytics messages (not committed here)."""
+        items, parked = await asyncio.to_thread(self._read_all, messages)
+        rt = self.runtime
+        if items:
+            touched, orphans = await rt.index.apply(items)
+            states = await rt.index.series_state(touched)
+            out: list[Outgoing] = [
+                ("dicom_state_queue", row["study_uid"], state_body(row)) for row in states]
+            out += [("dicom_image_queue", i.event.study_uid, body(i.image)) for i in items]
+            out += parked
+            await rt.queue.publish(out)
+            for tenant in {i.event.tenant_id for i in items}:
+                await rt.bump_generation(tenant)
+            # An instance re-sent under another study/series left its old file behind.
+            for path in orphans:
+                await asyncio.to_thread(rt.storage.remove, path)
+        elif parked:
+            await rt.queue.publish(parked)
+        log.debug("indexed %d instance(s), parked %d", len(items), len(parked))
+
+    def _read_all(self, messages: list[Message]) -> tuple[list[IndexedInstance], list[Outgoing]]:
+        items: list[IndexedInstance] = []
+        parked: list[Outgoing] = []
+        for message in messages:
+            try:
+                items.append(self._read(message))
+                self._failures.pop((message.partition, message.offset), None)
+            except Exception as exc:  # noqa: BLE001 - any failure of one message is handled
+                key = (message.partition, message.offset)
+                attempts = self._failures.get(key, 0) + 1
+                if attempts < self.settings.max_attempts:
+                    self._failures[key] = attempts
+                    raise BackendError(
+                        f"message {message.offset} failed (attempt {attempts}): {exc}"
+                    ) from exc
+                self._failures.pop(key, None)
+                log.error("parking storage event %s after %d attempts: %s",
+                          message.body.get("file_path"), attempts, exc)
+                parked.append((DEAD_LETTER, message.key,
+                               {"error": str(exc)[:1000], "message": dict(message.body)}))
+        return items, parked
+
+    def _read(self, message: Message) -> IndexedInstance:
+        event = StoredObject(**_fields(message.body))
+        with self.runtime.storage.open(event.file_path) as fh:
+            ds = pydicom.dcmread(fh, stop_before_pixels=True)
+        return indexed_instance(ds, event)
+
+
+def _fields(raw: Any) -> dict[str, Any]:
+    names = StoredObject.__dataclass_fields__
+    missing = set(names) - set(raw)
+    if missing:
+        raise ValueError(f"storage event lacks {', '.join(sorted(missing))}")
+    return {k: raw[k] for k in names}
+
+
+async def run(runtime: Runtime, stop: asyncio.Event) -> None:
+    """Consume until ``stop``; the batch in hand is finished first."""
+    log.info("consumer indexing %s as group %s", TOPIC, runtime.settings.consumer.group)
+    await Consumer(runtime).run(stop)

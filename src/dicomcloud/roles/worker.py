@@ -1,0 +1,111 @@
+"""Role ``worker``: pre-generates series and study metadata, and does housekeeping.
+
+A series flagged in ``dicom_json_meta`` that has been quiet for ``worker.quiet_seconds``
+gets its metadata regenerated (PS3.18 Annex F DICOM JSON, bulk data as BulkDataURI):
+
+    metadata/{tenant}/{study}/{series}.json   every instance of the series
+    metadata/{tenant}/{study}.json            every instance of the study
+
+The row is marked done only if nobody flagged it again meanwhile (compare-and-set on
+``flag_time``); a failure is retried after another quiet period, ``max_retries`` times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from datetime import timedelta
+from typing import Any
+
+import orjson
+
+from dicomcloud.dicomjson import instance_json
+from dicomcloud.model import JsonTask, utcnow
+from dicomcloud.runtime import Runtime
+
+log = logging.getLogger(__name__)
+_HOUSEKEEP_EVERY = 300.0
+
+
+class MetadataBuilder:
+    """Builds metadata documents from stored files."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    async def build(self, task: JsonTask) -> int:
+        """Write series and study metadata of ``task``; returns the series' instance count."""
+        rt = self.runtime
+        rows = await rt.index.instances(task.tenant_id, task.study_uid, task.series_uid)
+        docs = await asyncio.to_thread(self._read, [r.file_path for r in rows])
+        series_doc = orjson.dumps(docs)
+        series_path = f"{task.tenant_id}/{task.study_uid}/{task.series_uid}.json"
+        await asyncio.to_thread(rt.storage.write_metadata, series_path, series_doc)
+        await self._write_study(task)
+        await rt.cache.delete(f"meta:{task.tenant_id}:{task.study_uid}",
+                              f"meta:{task.tenant_id}:{task.study_uid}:{task.series_uid}")
+        return len(docs)
+
+    async def _write_study(self, task: JsonTask) -> None:
+        rt = self.runtime
+        rows = await rt.index.instances(task.tenant_id, task.study_uid)
+        series = sorted({r.series_uid for r in rows})
+        parts: list[bytes] = []
+        for series_uid in series:
+            path = f"{task.tenant_id}/{task.study_uid}/{series_uid}.json"
+            doc = await asyncio.to_thread(rt.storage.read_metadata, path)
+            if doc is None:  # not generated yet: its own task will follow; build it now
+                sub = [r.file_path for r in rows if r.series_uid == series_uid]
+                doc = orjson.dumps(await asyncio.to_thread(self._read, sub))
+            parts.append(doc[1:-1])
+        study_doc = b"[" + b",".join(p for p in parts if p) + b"]"
+        await asyncio.to_thread(
+            rt.storage.write_metadata, f"{task.tenant_id}/{task.study_uid}.json", study_doc)
+
+    def _read(self, paths: list[str]) -> list[dict[str, Any]]:
+        docs = []
+        for path in paths:
+            try:
+                with self.runtime.storage.open(path) as fh:
+                    docs.append(instance_json(fh))
+            except FileNotFoundError:
+                log.warning("metadata: %s is indexed but missing on disk", path)
+        return docs
+
+
+async def run(runtime: Runtime, stop: asyncio.Event) -> None:
+    """Scan for due series until ``stop``."""
+    settings = runtime.settings.worker
+    builder = MetadataBuilder(runtime)
+    last_housekeeping = 0.0
+    log.info("worker regenerating metadata after %.0f s quiet", settings.quiet_seconds)
+    while not stop.is_set():
+        cutoff = utcnow() - timedelta(seconds=settings.quiet_seconds)
+        tasks = await runtime.index.due_series(cutoff, settings.max_retries,
+                                               settings.batch_size)
+        for task in tasks:
+            if stop.is_set():
+                break
+            await _run_task(runtime, builder, task)
+        if time.monotonic() - last_housekeeping > _HOUSEKEEP_EVERY:
+            last_housekeeping = time.monotonic()
+            dropped = await runtime.queue.housekeep(settings.queue_retention_days * 86400)
+            if dropped:
+                log.info("housekeeping: dropped %d consumed queue message(s)", dropped)
+        if len(tasks) < settings.batch_size:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), settings.scan_interval_seconds)
+
+
+async def _run_task(runtime: Runtime, builder: MetadataBuilder, task: JsonTask) -> None:
+    try:
+        count = await builder.build(task)
+    except Exception as exc:  # noqa: BLE001 - recorded and retried
+        log.error("metadata of series %s failed (attempt %d): %s", task.series_uid,
+                  task.retry_times + 1, exc)
+        await runtime.index.finish_series(task, ok=False)
+        return
+    if await runtime.index.finish_series(task, ok=True):
+        log.debug("metadata of series %s: %d instance(s)", task.series_uid, count)

@@ -1,0 +1,120 @@
+"""The runtime: opens the four backends, runs the chosen roles in one asyncio loop, stops
+them gracefully.
+
+Every backend is an async context manager owned here; every role is a coroutine
+``run(runtime, stop)`` that returns once ``stop`` is set and its in-flight work is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+from dicomcloud.backends import backend_class
+from dicomcloud.config import Settings
+from dicomcloud.ingest import Ingestor
+from dicomcloud.ports import Cache, Index, Queue, Storage
+
+log = logging.getLogger(__name__)
+
+RoleMain = Callable[["Runtime", asyncio.Event], Awaitable[None]]
+_ROLE_MODULES = {
+    "scp": "dicomcloud.roles.scp",
+    "consumer": "dicomcloud.roles.consumer",
+    "web": "dicomcloud.roles.web",
+    "worker": "dicomcloud.roles.worker",
+}
+
+
+class Runtime:
+    """Backends of one process, shared by its roles."""
+
+    index: Index
+    queue: Queue
+    cache: Cache
+    storage: Storage
+    ingestor: Ingestor
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stack = AsyncExitStack()
+
+    async def __aenter__(self) -> Runtime:
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.storage = await self._open("storage", s.resolved_storage_url, fsync=s.fsync)
+            self.queue = await self._open("queue", s.resolved_queue_url)
+            self.index = await self._open("index", s.resolved_index_url)
+            self.cache = await self._open("cache", s.resolved_cache_url)
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        self.ingestor = Ingestor(self.storage, self.queue, s.node_id)
+        return self
+
+    async def _open(self, port: str, url: str, **kwargs: Any) -> Any:
+        backend = backend_class(port, url)(url, **kwargs)
+        return await self._stack.enter_async_context(backend)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._stack.aclose()
+
+    async def generation(self, tenant_id: str) -> str:
+        """Version of a tenant's index content, bumped by the consumer (cache keys)."""
+        value = await self.cache.get(f"gen:{tenant_id}")
+        return value.decode() if value else "0"
+
+    async def bump_generation(self, tenant_id: str) -> None:
+        """Invalidate cached query results of a tenant."""
+        await self.cache.incr(f"gen:{tenant_id}")
+
+
+def role_main(role: str) -> RoleMain:
+    """The ``run`` coroutine of a role (imported on demand)."""
+    module = importlib.import_module(_ROLE_MODULES[role])
+    main: RoleMain = module.run
+    return main
+
+
+async def serve(settings: Settings, *, stop: asyncio.Event | None = None,
+                on_ready: Callable[[], None] | None = None) -> None:
+    """Run ``settings.roles`` until SIGTERM/SIGINT (or ``stop``), then drain and exit."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, _request_stop, stop, sig)
+    async with Runtime(settings) as runtime:
+        mains = [role_main(role) for role in settings.roles]
+        log.info("dicomcloud starting roles %s (data in %s)", ",".join(settings.roles),
+                 settings.data_dir.resolve())
+        async with asyncio.TaskGroup() as group:
+            for role, main in zip(settings.roles, mains, strict=True):
+                group.create_task(_guard(role, main, runtime, stop), name=f"role-{role}")
+            if on_ready is not None:
+                loop.call_soon(on_ready)
+    log.info("dicomcloud stopped")
+
+
+async def _guard(role: str, main: RoleMain, runtime: Runtime, stop: asyncio.Event) -> None:
+    """Run a role; if it fails, stop the others too (a half-running archive is worse)."""
+    try:
+        await main(runtime, stop)
+    except Exception:
+        log.exception("role %s failed; stopping", role)
+        stop.set()
+        raise
+
+
+def _request_stop(stop: asyncio.Event, sig: signal.Signals) -> None:
+    if stop.is_set():
+        log.warning("second %s: stopping is already under way", sig.name)
+    log.info("%s received: finishing in-flight work, then stopping", sig.name)
+    stop.set()
