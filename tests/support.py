@@ -111,6 +111,12 @@ class Archive:
                 pytest.fail(f"archive ignored SIGTERM for {timeout} s:\n{self.log()}")
         return int(self.proc.returncode)
 
+    def restart(self, timeout: float = 60.0) -> Archive:
+        """Start again on the same data directory and ports (stopping it first if alive)."""
+        if self.alive():
+            self.stop()
+        return self.start(timeout)
+
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 

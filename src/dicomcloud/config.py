@@ -36,6 +36,11 @@ class ScpSettings:
     host: str = "127.0.0.1"
     port: int = 11112
     max_associations: int = 32
+    #: Listener processes sharing the port (SO_REUSEPORT), so DIMSE decoding runs beside,
+    #: not against, the indexer and the web server. 0 runs the role inside the main process.
+    processes: int = 2
+    #: Bind with SO_REUSEPORT (set for the listener processes; lets them share the port).
+    reuse_port: bool = False
     #: Calling AE titles allowed to associate; empty means any.
     allowed_calling_aets: tuple[str, ...] = ()
     #: Called AE title -> tenant. The archive's own AE title maps to ``default_tenant``.

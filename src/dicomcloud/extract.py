@@ -29,7 +29,7 @@ def text(ds: Dataset, keyword: str, limit: int | None = None) -> str | None:
     """A value as text (multi-values joined by ``\\``); None when absent or empty."""
     try:
         value = ds.get(keyword)
-    except Exception:  # noqa: BLE001 - a broken value must not stop indexing
+    except Exception:
         return None
     if value is None:
         return None

@@ -83,6 +83,9 @@ class StagedFile(Protocol):
     def write(self, data: bytes) -> None:
         """Append bytes."""
 
+    def sync(self) -> None:
+        """Make the bytes written so far durable now (``commit`` then skips it)."""
+
     @property
     def size(self) -> int:
         """Bytes written so far."""

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -51,8 +52,10 @@ class Runtime:
         try:
             self.storage = await self._open("storage", s.resolved_storage_url, fsync=s.fsync)
             self.queue = await self._open("queue", s.resolved_queue_url)
-            self.index = await self._open("index", s.resolved_index_url)
-            self.cache = await self._open("cache", s.resolved_cache_url)
+            # A DIMSE listener process only stores and publishes: no index, no cache.
+            if set(s.roles) - {"scp"}:
+                self.index = await self._open("index", s.resolved_index_url)
+                self.cache = await self._open("cache", s.resolved_cache_url)
         except BaseException:
             await self._stack.aclose()
             raise
@@ -84,23 +87,50 @@ def role_main(role: str) -> RoleMain:
 
 
 async def serve(settings: Settings, *, stop: asyncio.Event | None = None,
-                on_ready: Callable[[], None] | None = None) -> None:
-    """Run ``settings.roles`` until SIGTERM/SIGINT (or ``stop``), then drain and exit."""
+                on_ready: Callable[[], None] | None = None,
+                parent_pid: int | None = None) -> None:
+    """Run ``settings.roles`` until SIGTERM/SIGINT (or ``stop``), then drain and exit.
+
+    With ``scp.processes > 0`` the scp role runs in that many listener processes
+    (``dicomcloud.processes``) and this process supervises them.
+    """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, _request_stop, stop, sig)
+    roles = list(settings.roles)
+    listeners = None
+    if "scp" in roles and settings.scp.processes > 0:
+        from dicomcloud.processes import RoleProcesses
+
+        roles.remove("scp")
+        listeners = RoleProcesses(settings, settings.scp.processes)
     async with Runtime(settings) as runtime:
-        mains = [role_main(role) for role in settings.roles]
+        mains = [role_main(role) for role in roles]
         log.info("dicomcloud starting roles %s (data in %s)", ",".join(settings.roles),
                  settings.data_dir.resolve())
         async with asyncio.TaskGroup() as group:
-            for role, main in zip(settings.roles, mains, strict=True):
+            for role, main in zip(roles, mains, strict=True):
                 group.create_task(_guard(role, main, runtime, stop), name=f"role-{role}")
+            if listeners is not None:
+                group.create_task(listeners.run(stop), name="scp-processes")
+            if parent_pid is not None:
+                group.create_task(_watch_parent(parent_pid, stop), name="watch-parent")
             if on_ready is not None:
                 loop.call_soon(on_ready)
     log.info("dicomcloud stopped")
+
+
+async def _watch_parent(parent_pid: int, stop: asyncio.Event) -> None:
+    """Stop when the supervising process is gone (backup for PR_SET_PDEATHSIG)."""
+    while not stop.is_set():
+        if os.getppid() != parent_pid:
+            log.error("supervising process %d is gone; stopping", parent_pid)
+            stop.set()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1.0)
 
 
 async def _guard(role: str, main: RoleMain, runtime: Runtime, stop: asyncio.Event) -> None:

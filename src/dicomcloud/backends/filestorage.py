@@ -37,11 +37,19 @@ class FileStaged:
         self.path = path
         self._fh: IO[bytes] | None = open(path, "xb")  # noqa: SIM115 - closed in close()
         self._size = 0
+        self._synced = False
 
     def write(self, data: bytes) -> None:
         assert self._fh is not None, "write after close"
         self._fh.write(data)
         self._size += len(data)
+        self._synced = False
+
+    def sync(self) -> None:
+        assert self._fh is not None, "sync after close"
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._synced = True
 
     @property
     def size(self) -> int:
@@ -52,7 +60,7 @@ class FileStaged:
             return
         try:
             self._fh.flush()
-            if fsync:
+            if fsync and not self._synced:
                 os.fsync(self._fh.fileno())
         finally:
             self._fh.close()
@@ -100,7 +108,11 @@ class FileStorage:
             raise BackendError(f"cannot create a file in {self._staging}: {exc}") from exc
 
     def commit(self, staged: FileStaged, key: InstanceKey) -> int:  # type: ignore[override]
-        target = self._instance_path(key)
+        try:
+            target = self._instance_path(key)
+        except BadRequest:  # refused: leave nothing behind, not even the staged file
+            self.discard(staged)
+            raise
         try:
             staged.close(self.fsync)
             self._ensure_dir(target.parent)
@@ -124,7 +136,7 @@ class FileStorage:
             staged.path.unlink(missing_ok=True)
 
     def open(self, relative_path: str) -> IO[bytes]:
-        return open(self._resolve(relative_path), "rb")  # noqa: SIM115 - caller closes
+        return open(self._resolve(relative_path), "rb")
 
     def remove(self, relative_path: str) -> None:
         self._resolve(relative_path).unlink(missing_ok=True)

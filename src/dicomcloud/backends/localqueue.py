@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import logging
 import queue as thread_queue
@@ -47,7 +48,7 @@ CREATE TABLE IF NOT EXISTS offsets (
     PRIMARY KEY (topic, grp)
 );
 """
-_POLL_SECONDS = 0.5  # picks up messages published by another process on the same file
+_POLL_SECONDS = 0.05  # picks up messages published by other processes (DIMSE listeners)
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -101,14 +102,22 @@ class LocalQueue:
             self._reader = None
 
     async def publish(self, messages: Sequence[Outgoing]) -> None:
-        if not messages:
-            return
+        if messages:
+            await asyncio.wrap_future(self._publish(messages))
+
+    def publish_blocking(self, messages: Sequence[Outgoing], timeout: float) -> None:
+        """``publish`` for a caller in a worker thread: blocks until durable."""
+        if messages:
+            self._publish(messages).result(timeout)
+
+    def _publish(self, messages: Sequence[Outgoing]) -> concurrent.futures.Future[Any]:
         now = time.time()
         rows = [(topic, key, json.dumps(body, separators=(",", ":"), ensure_ascii=False), now)
                 for topic, key, body in messages]
-        await self._submit("publish", rows)
-        for topic in {m[0] for m in messages}:
-            self._wake(topic)
+        future = self._request("publish", rows)
+        topics = {m[0] for m in messages}
+        future.add_done_callback(lambda _: self._wake_threadsafe(topics))
+        return future
 
     async def commit(self, group: str, messages: Sequence[Message]) -> None:
         last: dict[str, int] = {}
@@ -131,10 +140,8 @@ class LocalQueue:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return []
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), min(remaining, _POLL_SECONDS))
-            except TimeoutError:
-                pass
 
     async def housekeep(self, retention_seconds: float) -> int:
         """Drop messages every group has consumed, and unconsumed ones past retention."""
@@ -144,17 +151,23 @@ class LocalQueue:
         """Forget uncommitted fetches: the next fetch restarts at the committed position."""
         self._positions.pop((topic, group), None)
 
-    def _wake(self, topic: str) -> None:
-        event = self._waiters.get(topic)
-        if event is not None:
-            event.set()
+    def _wake_threadsafe(self, topics: set[str]) -> None:
+        if self._loop is None or self._loop.is_closed():
+            return
+        for topic in topics:
+            event = self._waiters.get(topic)
+            if event is not None:
+                self._loop.call_soon_threadsafe(event.set)
 
-    async def _submit(self, kind: str, payload: Any) -> Any:
+    def _request(self, kind: str, payload: Any) -> concurrent.futures.Future[Any]:
         if self._writer is None:
             raise BackendError("embedded queue is closed")
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         self._requests.put((kind, payload, future))
-        return await asyncio.wrap_future(future)
+        return future
+
+    async def _submit(self, kind: str, payload: Any) -> Any:
+        return await asyncio.wrap_future(self._request(kind, payload))
 
     def _read(self, topic: str, group: str, limit: int) -> list[Message]:
         assert self._reader is not None

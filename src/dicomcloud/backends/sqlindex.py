@@ -129,10 +129,11 @@ class SqlIndex:
             index_elements=list(_STATE_KEY),
             set_={c: stmt.excluded[c] for c in state_rows[0] if c not in
                   (*_STATE_KEY, "created_time", "series_related_instances")}), state_rows)
+        flag = _flag_time()
         flag_rows = [{
             "tenant_id": r.tenant_id, "study_uid": r.study_uid, "series_uid": r.series_uid,
             "study_uid_hash": i.state.study_uid_hash, "series_uid_hash": i.state.series_uid_hash,
-            "study_date_origin": i.state.study_date_origin, "flag_time": now,
+            "study_date_origin": i.state.study_date_origin, "flag_time": flag,
             "created_time": now, "json_status": 0, "retry_times": 0,
         } for r, i in series.items()]
         stmt = insert(json_meta)
@@ -211,7 +212,7 @@ class SqlIndex:
         values: dict[str, Any] = {"json_status": 1}
         if not ok:
             values = {"json_status": 2, "retry_times": task.retry_times + 1,
-                      "flag_time": utcnow()}
+                      "flag_time": _flag_time()}
         stmt = json_meta.update().where(
             j.tenant_id == task.tenant_id, j.study_uid == task.study_uid,
             j.series_uid == task.series_uid, j.flag_time == task.flag_time,
@@ -225,6 +226,12 @@ class SqlIndex:
             stmt = stmt.where(instance.c.tenant_id == tenant_id)
         async with self.engine.connect() as conn:
             return int((await conn.execute(stmt)).scalar_one())
+
+
+def _flag_time() -> dt.datetime:
+    """``flag_time`` with microseconds: ``finish_series`` compares it, so two flags within
+    one second must differ (else a re-flag during a metadata build would be lost)."""
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 def _make_engine(url: str) -> AsyncEngine:

@@ -84,7 +84,7 @@ class Consumer:
             try:
                 items.append(self._read(message))
                 self._failures.pop((message.partition, message.offset), None)
-            except Exception as exc:  # noqa: BLE001 - any failure of one message is handled
+            except Exception as exc:
                 key = (message.partition, message.offset)
                 attempts = self._failures.get(key, 0) + 1
                 if attempts < self.settings.max_attempts:

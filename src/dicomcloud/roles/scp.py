@@ -14,9 +14,11 @@ Error Comment (0000,0902) saying why.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import socketserver
+import threading
 import time
 from typing import Any
 
@@ -63,10 +65,8 @@ class StoreService:
         # Without TCP_NODELAY each small C-STORE-RSP waits for the peer's delayed ACK.
         sock = getattr(event.assoc.dul.socket, "socket", None)
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                pass
 
     @staticmethod
     def on_echo(event: evt.Event) -> int:
@@ -89,9 +89,7 @@ class StoreService:
                 request.DataSet.getvalue(), event.context.transfer_syntax,
                 str(request.AffectedSOPClassUID), sop_uid, origin.source_ae)
             stored = self.runtime.ingestor.store_bytes(data, origin, expect_sop_uid=sop_uid)
-            asyncio.run_coroutine_threadsafe(
-                self.runtime.ingestor.announce([stored]), self.loop
-            ).result(_ANNOUNCE_TIMEOUT)
+            self.runtime.ingestor.announce_from_thread([stored], self.loop, _ANNOUNCE_TIMEOUT)
         except InvalidInstance as exc:
             log.warning("C-STORE from %s refused (0x%04X) %s: %s", origin.source_ae,
                         exc.dimse_status, sop_uid[:64], exc.message)
@@ -132,11 +130,32 @@ async def run(runtime: Runtime, stop: asyncio.Event) -> None:
     s = runtime.settings.scp
     service = StoreService(runtime, asyncio.get_running_loop())
     ae = make_ae(runtime)
-    server: ThreadedAssociationServer = ae.start_server(
-        (s.host, s.port), block=False, evt_handlers=service.handlers())
+    server = _start_server(ae, (s.host, s.port), service, reuse_port=s.reuse_port)
     log.info("DIMSE listening on %s:%d as %s", s.host, s.port, s.ae_title)
     await stop.wait()
     await asyncio.to_thread(_drain, ae, server, runtime.settings.web.graceful_timeout)
+
+
+class ReusePortServer(ThreadedAssociationServer):
+    """An association server whose port other listener processes may bind too."""
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def _start_server(ae: AE, address: tuple[str, int], service: StoreService,
+                  reuse_port: bool) -> ThreadedAssociationServer:
+    if not reuse_port:
+        return ae.start_server(address, block=False, evt_handlers=service.handlers())
+    server = ae.make_server(address, evt_handlers=service.handlers(),
+                            server_class=ReusePortServer)
+    thread = threading.Thread(target=server.serve_forever, name="dimse-acceptor",
+                              daemon=True)
+    thread.start()
+    ae._servers.append(server)  # so that ae.shutdown() stops it too
+    return server
 
 
 def _drain(ae: AE, server: ThreadedAssociationServer, timeout: float) -> None:

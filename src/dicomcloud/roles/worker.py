@@ -102,7 +102,7 @@ async def run(runtime: Runtime, stop: asyncio.Event) -> None:
 async def _run_task(runtime: Runtime, builder: MetadataBuilder, task: JsonTask) -> None:
     try:
         count = await builder.build(task)
-    except Exception as exc:  # noqa: BLE001 - recorded and retried
+    except Exception as exc:
         log.error("metadata of series %s failed (attempt %d): %s", task.series_uid,
                   task.retry_times + 1, exc)
         await runtime.index.finish_series(task, ok=False)

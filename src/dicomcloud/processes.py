@@ -1,0 +1,105 @@
+"""Extra OS processes for a role (today: the DIMSE listeners, ``scp.processes``).
+
+pynetdicom decodes PDUs in Python threads; in the process that also indexes and serves
+HTTP they would compete for one interpreter lock. Listener processes bind the same port
+with SO_REUSEPORT (the kernel spreads associations over them) and share the embedded
+queue file and storage with the main process, which stays their supervisor:
+
+- a listener that dies is restarted (with a pause if it keeps dying);
+- on SIGTERM the main process forwards it and waits for running associations to finish;
+- if the main process dies, even by ``kill -9``, the kernel kills its listeners
+  (PR_SET_PDEATHSIG), so no orphan keeps answering on the port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import dataclasses
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from multiprocessing.process import BaseProcess
+
+from dicomcloud.config import Settings
+
+log = logging.getLogger(__name__)
+_PR_SET_PDEATHSIG = 1
+_RESTART_PAUSE = 2.0
+
+
+def listener_settings(settings: Settings) -> Settings:
+    """Settings of one listener process: only the scp role, on a shared port."""
+    scp = dataclasses.replace(settings.scp, processes=0, reuse_port=True)
+    return dataclasses.replace(settings, roles=("scp",), scp=scp)
+
+
+def _die_with_parent(parent: int) -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the watchdog in serve() remains
+        pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _child_main(settings: Settings, parent: int) -> None:
+    _die_with_parent(parent)
+    logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)-7s %(name)s[%(process)d]: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    from dicomcloud.runtime import serve
+
+    asyncio.run(serve(settings, parent_pid=parent))
+
+
+class RoleProcesses:
+    """Starts, watches and stops the listener processes of the main process."""
+
+    def __init__(self, settings: Settings, count: int) -> None:
+        self.settings = listener_settings(settings)
+        self.count = count
+        self._context = multiprocessing.get_context("spawn")
+        self._procs: list[BaseProcess] = []
+
+    def _spawn(self) -> BaseProcess:
+        proc = self._context.Process(target=_child_main, args=(self.settings, os.getpid()),
+                                     name="dicomcloud-scp", daemon=False)
+        proc.start()  # from the loop thread: PDEATHSIG follows the thread that forked
+        log.info("started DIMSE listener process %d", proc.pid)
+        return proc
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Keep ``count`` listeners alive until ``stop``; then stop them gracefully."""
+        self._procs = [self._spawn() for _ in range(self.count)]
+        last_restart = 0.0
+        try:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.5)
+                for i, proc in enumerate(self._procs):
+                    if not stop.is_set() and not proc.is_alive():
+                        log.error("DIMSE listener %s exited with %s; restarting", proc.pid,
+                                  proc.exitcode)
+                        if time.monotonic() - last_restart < _RESTART_PAUSE:
+                            await asyncio.sleep(_RESTART_PAUSE)
+                        last_restart = time.monotonic()
+                        self._procs[i] = self._spawn()
+        finally:
+            await self._stop_all()
+
+    async def _stop_all(self) -> None:
+        for proc in self._procs:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.web.graceful_timeout + 5
+        for proc in self._procs:
+            await asyncio.to_thread(proc.join, max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                log.warning("DIMSE listener %s did not stop; killing it", proc.pid)
+                proc.kill()
+                await asyncio.to_thread(proc.join, 5)
