@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
+import io
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,17 +84,31 @@ class Archive:
             if self.proc.poll() is not None:
                 pytest.fail(f"archive exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if httpx.get(f"{self.base}/readyz", timeout=1).status_code == 200:
-                    if "scp" not in self.roles or self._dimse_open():
-                        return self
+                if (httpx.get(f"{self.base}/readyz", timeout=1).status_code == 200
+                        and ("scp" not in self.roles or self._dimse_open())):
+                    return self
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)
         pytest.fail(f"archive did not become ready in {timeout} s:\n{self.log()}")
 
     def _dimse_open(self) -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", self.dimse_port)) == 0
+        # The process listens on the port; no probe connection: pynetdicom keeps a
+        # connection that never sends an A-ASSOCIATE-RQ as an association until acse_timeout
+        # (30 s), which held a slot and made each graceful stop wait graceful_timeout (10 s).
+        import psutil
+
+        assert self.proc is not None
+        connections = []
+        try:  # the main process or its DIMSE listener processes (scp.processes)
+            main = psutil.Process(self.proc.pid)
+            for process in (main, *main.children(recursive=True)):
+                with contextlib.suppress(psutil.Error):
+                    connections += process.net_connections(kind="tcp")
+        except psutil.Error:
+            return False
+        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == self.dimse_port
+                   for c in connections)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-8000:]
@@ -150,3 +171,336 @@ def sample_file(name: str) -> Path:
     if path is None:
         pytest.fail(f"test file {name} not found; is pydicom-data installed?")
     return Path(str(path))
+
+
+def echo(archive: Archive, timeout: float = 5.0) -> bool:
+    """True when a C-ECHO over a fresh association (pynetdicom) succeeds."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title="PYTEST")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    assoc = ae.associate("127.0.0.1", archive.dimse_port, ae_title=archive.ae_title)
+    if not assoc.is_established:
+        return False
+    try:
+        status = assoc.send_c_echo()
+        return "Status" in status and status.Status == 0
+    finally:
+        assoc.release()
+
+
+# -- DICOM test data ---------------------------------------------------------------------
+#: PS3.5 9.1: digits and dots, no leading zero in a component, at most 64 characters.
+_STRICT_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_IMPLEMENTATION_UID = "1.2.826.0.1.3680043.10.1435.99"
+
+
+def is_strict_uid(value: object) -> bool:
+    """A UID valid by PS3.5 9.1 (stricter than the archive, which allows leading zeros)."""
+    return isinstance(value, str) and 0 < len(value) <= 64 and bool(_STRICT_UID_RE.match(value))
+
+
+@dataclass(frozen=True)
+class SampleFile:
+    """A DICOM file of the test data and what a QIDO-RS answer must say about it."""
+
+    path: Path
+    sop_class: str
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax: str
+    frames: int
+    rows: int | None
+    columns: int | None
+    bits_allocated: int | None
+    photometric: str | None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def testdata_paths() -> list[Path]:
+    """Every file of pydicom's bundled test data and of pydicom-data, without network access.
+
+    These are the two sources ``pydicom.data.get_testdata_files`` searches first. That
+    function then also tries to download pydicom-data's files from GitHub (79 requests,
+    about 15 s offline, ending in a UserWarning), so the two local sources are enumerated
+    here through the same data manager instead.
+    """
+    from pydicom.data import data_manager
+
+    root = Path(data_manager.DATA_ROOT) / "test_files"
+    paths = sorted(p for p in root.rglob("*") if p.is_file())
+    for source in data_manager.external_data_sources().values():
+        paths += sorted(Path(p) for p in source.get_paths("**/*", data_manager.DataTypes.DATASET))
+    return paths
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None or value == "" else int(value)
+
+
+def _public_attribute_as_un(ds: Any) -> bool:
+    """True if a known public attribute is encoded with VR UN (explicit VR; PS3.5 6.2.2).
+
+    pydicom reads such an element by its dictionary VR, other readers (DCMTK) do not: a
+    SOP Instance UID encoded as UN is not one for them.
+    """
+    from pydicom.datadict import dictionary_has_tag
+
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag)
+        if raw.VR == "UN" and not tag.is_private and dictionary_has_tag(tag):
+            return True
+        element = ds[tag]
+        if element.VR == "SQ" and any(_public_attribute_as_un(i) for i in element.value):
+            return True
+    return False
+
+
+def _valid_sample(path: Path) -> SampleFile | None:
+    """``path`` as a ``SampleFile`` if it passes the rule of ``valid_testdata``, else None."""
+    import pydicom
+    from pydicom.uid import UID
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a value pydicom warns about is not valid
+            ds = pydicom.dcmread(path)
+            if _public_attribute_as_un(ds):  # also converts every element, nested ones too
+                return None
+            meta = ds.file_meta
+            uids = [str(ds.get(k, "")) for k in
+                    ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")]
+            if "TransferSyntaxUID" not in meta or not all(map(is_strict_uid, uids)):
+                return None
+            if (meta.get("MediaStorageSOPInstanceUID") != uids[2]
+                    or meta.get("MediaStorageSOPClassUID") != uids[3]):
+                return None
+            has_pixels = any(k in ds for k in
+                             ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+            if has_pixels:
+                ds.pixel_array  # noqa: B018 - decodes every frame; raises if incomplete
+            elif "Image Storage" in UID(uids[3]).name:
+                return None
+    except Exception:  # anything pydicom cannot read fully is not valid
+        return None
+    return SampleFile(
+        path=path, sop_class=uids[3], sop_uid=uids[2], study_uid=uids[0], series_uid=uids[1],
+        transfer_syntax=str(meta.TransferSyntaxUID),
+        frames=int(ds.get("NumberOfFrames") or 1), rows=_int_or_none(ds.get("Rows")),
+        columns=_int_or_none(ds.get("Columns")),
+        bits_allocated=_int_or_none(ds.get("BitsAllocated")),
+        photometric=str(ds.get("PhotometricInterpretation") or "") or None)
+
+
+@functools.cache
+def valid_testdata() -> tuple[SampleFile, ...]:
+    """The *valid* files of ``testdata_paths()``. A file is valid when:
+
+    1. pydicom reads it (no ``force``) and converts every element, nested ones included,
+       without an exception or a warning; no known public attribute is encoded with VR UN;
+    2. it has File Meta Information with a Transfer Syntax UID, and its Media Storage SOP
+       Class / Instance UIDs equal the data set's SOP Class / Instance UIDs;
+    3. Study, Series and SOP Instance UID and SOP Class UID are valid PS3.5 9.1 UIDs
+       (``is_strict_uid``: digits, no leading zeros, at most 64 characters);
+    4. its pixel data, if any, decodes completely (``Dataset.pixel_array``, every frame);
+       an image storage SOP class without pixel data is not valid.
+    """
+    return tuple(s for s in map(_valid_sample, testdata_paths()) if s is not None)
+
+
+def rounds_by_sop(files: Iterable[SampleFile]) -> list[list[SampleFile]]:
+    """Rounds in which no SOP Instance UID repeats: round k holds the k-th file of each SOP.
+
+    Many test files are variants of one instance (``MR_small*.dcm``); the archive keeps the
+    last one received, so each round is sent and checked before the next replaces it.
+    """
+    groups: dict[str, list[SampleFile]] = {}
+    for item in files:
+        groups.setdefault(item.sop_uid, []).append(item)
+    depth = max((len(g) for g in groups.values()), default=0)
+    return [[g[k] for g in groups.values() if len(g) > k] for k in range(depth)]
+
+
+def data_set_bytes(path: Path) -> bytes:
+    """A Part 10 file's bytes after its File Meta Information (group 0002)."""
+    from pynetdicom.dsutils import split_dataset
+
+    _, offset = split_dataset(path)
+    return path.read_bytes()[offset:]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def make_ct(study_uid: str | None = None, series_uid: str | None = None,
+            sop_uid: str | None = None, *, number: int = 1, size: int = 16,
+            **attributes: Any) -> Any:
+    """A small, complete CT Image Storage instance (Explicit VR Little Endian)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop_uid or generate_uid()
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = series_uid or generate_uid()
+    ds.PatientName = "Test^Patient"
+    ds.PatientID = "PID-1"
+    ds.StudyDate = "20240102"
+    ds.StudyTime = "101500"
+    ds.Modality = "CT"
+    ds.SeriesNumber = 1
+    ds.InstanceNumber = number
+    ds.Rows = ds.Columns = size
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 12
+    ds.HighBit = 11
+    ds.PixelRepresentation = 0
+    ds.PixelData = bytes((number + i) % 251 for i in range(size * size * 2))
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = _IMPLEMENTATION_UID
+    ds.file_meta = meta
+    return ds
+
+
+def write_part10(ds: Any, path: Path) -> Path:
+    """Write ``ds`` as a Part 10 file (preamble, DICM, File Meta Information)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def part10_bytes(ds: Any) -> bytes:
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+# -- DIMSE and DICOMweb clients ----------------------------------------------------------
+def c_store(archive: Archive, items: Sequence[Path | Any],
+            calling_ae: str = "PYTEST") -> list[Any]:
+    """C-STORE each item (a file path or a dataset) with pynetdicom; the response statuses.
+
+    A path is sent chunked (``STORE_SEND_CHUNKED_DATASET``): pynetdicom streams the file's
+    data set bytes as they are, so broken files reach the archive unchanged. Each item
+    gets a presentation context of its own SOP class and transfer syntax; associations
+    are opened as needed to stay within 128 contexts.
+    """
+    from pydicom.uid import UID
+    from pynetdicom import AE, _config
+    from pynetdicom.dsutils import split_dataset
+
+    def context_of(item: Path | Any) -> tuple[str, str]:
+        if isinstance(item, Path):
+            meta, _ = split_dataset(item)
+            return str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
+        return str(item.SOPClassUID), str(item.file_meta.TransferSyntaxUID)
+
+    keys = [context_of(item) for item in items]
+    statuses: list[Any] = []
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        start = 0
+        while start < len(items):
+            batch: list[int] = []
+            contexts: set[tuple[str, str]] = set()
+            for index in range(start, len(items)):
+                if keys[index] not in contexts and len(contexts) == 120:
+                    break
+                contexts.add(keys[index])
+                batch.append(index)
+            ae = AE(ae_title=calling_ae)
+            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+            for sop_class, syntax in sorted(contexts):
+                ae.add_requested_context(UID(sop_class), [UID(syntax)])
+            assoc = ae.associate("127.0.0.1", archive.dimse_port, ae_title=archive.ae_title)
+            assert assoc.is_established, "association with the archive was not established"
+            try:
+                for index in batch:
+                    statuses.append(assoc.send_c_store(items[index]))
+            finally:
+                assoc.release()
+            start = batch[-1] + 1
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+    return statuses
+
+
+def multipart(parts: Sequence[bytes], boundary: str = "dicomcloud-test-boundary",
+              part_type: str = "application/dicom", close: bool = True) -> tuple[bytes, str]:
+    """A ``multipart/related`` STOW-RS body and its Content-Type header."""
+    out = io.BytesIO()
+    for part in parts:
+        out.write(f"--{boundary}\r\nContent-Type: {part_type}\r\n\r\n".encode())
+        out.write(part)
+        out.write(b"\r\n")
+    if close:
+        out.write(f"--{boundary}--\r\n".encode())
+    content_type = f'multipart/related; type="{part_type}"; boundary={boundary}'
+    return out.getvalue(), content_type
+
+
+def find_instances(archive: Archive, sop_uids: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+    """QIDO-RS ``/instances?SOPInstanceUID=a,b,...``: the results of each SOP Instance UID."""
+    wanted = list(sop_uids)
+    found: dict[str, list[dict[str, Any]]] = {uid: [] for uid in wanted}
+    for start in range(0, len(wanted), 50):
+        chunk = wanted[start:start + 50]
+        for row in archive.qido("/instances", SOPInstanceUID=",".join(chunk),
+                                includefield="all"):
+            found[row["00080018"]["Value"][0]].append(row)
+    return found
+
+
+def value(row: dict[str, Any], tag: str) -> Any:
+    """First value of ``tag`` in a DICOM JSON object (None when empty)."""
+    values = row.get(tag, {}).get("Value")
+    return values[0] if values else None
+
+
+def layout_snapshot(archive: Archive) -> set[str]:
+    """Every path around the archive: its data dir's parent, recursively.
+
+    Left out: what changes by itself (the index and queue databases with their journals,
+    the metadata the worker regenerates, the staging directory, checked apart by
+    ``staging_files``). Sizes are not compared: paths that appear or vanish are.
+    """
+    top = archive.data_dir.parent
+    storage = f"{archive.data_dir.name}/storage"
+    out: set[str] = set()
+    for path in top.rglob("*"):
+        relative = path.relative_to(top).as_posix()
+        if (relative.startswith((f"{storage}/metadata/", f"{storage}/.staging/"))
+                or (path.parent == archive.data_dir
+                    and path.name.startswith(("index.db", "queue.db")))):
+            continue
+        out.add(relative)
+    return out
+
+
+def staging_files(archive: Archive) -> list[str]:
+    staging = archive.data_dir / "storage" / ".staging"
+    return sorted(p.name for p in staging.iterdir()) if staging.exists() else []
+
+
+def is_listening(port: int) -> bool:
+    """True when some process of this host listens on TCP ``port`` (nothing connects)."""
+    import psutil
+
+    return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
+               for c in psutil.net_connections(kind="tcp"))

@@ -8,6 +8,7 @@ as Unicode with their ``=`` component groups.
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -153,9 +154,9 @@ def state_body(row: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in DicomStateMeta.__dataclass_fields__:
         value = row.get(name)
-        if hasattr(value, "hour"):
+        if isinstance(value, dt.datetime):
             value = fmt_datetime(value)
-        elif hasattr(value, "isoformat"):
+        elif isinstance(value, dt.date):
             value = value.isoformat()
         out[name] = value
     return out

@@ -144,6 +144,8 @@ def _expected_pixel_bytes(ds: Dataset) -> int | None:
         return None
     if bits == 1:
         return (values + 7) // 8
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+        values = values // 3 * 2  # chroma subsampled 2:1 horizontally (PS3.3 C.7.6.3.1.2)
     return values * (bits // 8)
 
 
@@ -309,6 +311,7 @@ class Ingestor:
     def check(self, staged: StagedFile) -> Dataset:
         """Validate a staged file; on refusal it is discarded and the error raised."""
         try:
+            staged.flush()  # the tail may still sit in the write buffer
             with open(staged.path, "rb") as fh:
                 return inspect(fh, staged.size)
         except BaseException:

@@ -86,6 +86,9 @@ class StagedFile(Protocol):
     def sync(self) -> None:
         """Make the bytes written so far durable now (``commit`` then skips it)."""
 
+    def flush(self) -> None:
+        """Hand the bytes written so far to the OS, so that ``path`` reads them back."""
+
     @property
     def size(self) -> int:
         """Bytes written so far."""

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
-from python_multipart.multipart import MultipartParseError, MultipartParser
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser
 
 from dicomcloud.errors import (
     BadRequest,
@@ -50,7 +51,7 @@ def parse_content_type(header: str) -> bytes:
     boundary = params.get("boundary")
     if not boundary or len(boundary) > 200:
         raise BadRequest("multipart/related Content-Type has no valid boundary parameter")
-    return boundary.encode("latin-1")
+    return bytes(boundary.encode("latin-1"))
 
 
 @dataclass

@@ -274,7 +274,7 @@ async def test_search_instance_level(index: SqlIndex,
 @pytest.mark.parametrize("level", ["study", "series", "instance"])
 async def test_limit_offset_paging_is_deterministic(index: SqlIndex, level: Level) -> None:
     items = []
-    for s in range(4):
+    for _ in range(4):
         study = new_uid()
         for k in range(2):
             series = new_uid()

@@ -45,6 +45,10 @@ class FileStaged:
         self._size += len(data)
         self._synced = False
 
+    def flush(self) -> None:
+        assert self._fh is not None, "flush after close"
+        self._fh.flush()
+
     def sync(self) -> None:
         assert self._fh is not None, "sync after close"
         self._fh.flush()
@@ -107,7 +111,7 @@ class FileStorage:
         except OSError as exc:
             raise BackendError(f"cannot create a file in {self._staging}: {exc}") from exc
 
-    def commit(self, staged: FileStaged, key: InstanceKey) -> int:  # type: ignore[override]
+    def commit(self, staged: FileStaged, key: InstanceKey) -> int:
         try:
             target = self._instance_path(key)
         except BadRequest:  # refused: leave nothing behind, not even the staged file
@@ -129,7 +133,7 @@ class FileStorage:
             raise BackendError(f"cannot store {key.relative_path}: {exc}") from exc
         return staged.size
 
-    def discard(self, staged: FileStaged) -> None:  # type: ignore[override]
+    def discard(self, staged: FileStaged) -> None:
         try:
             staged.close(fsync=False)
         finally:

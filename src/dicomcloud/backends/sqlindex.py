@@ -253,11 +253,10 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
 
 
 def _insert_for(conn: AsyncConnection) -> Any:
-    if conn.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert
+    """The dialect's INSERT with ``on_conflict_do_update`` (same API in both)."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
 
 
 def _safe(url: str) -> str:
@@ -327,7 +326,8 @@ def _condition(match: Match, column: sa.ColumnElement[Any]) -> sa.ColumnElement[
         return sa.or_(lowered == value, lowered.like(like_pattern(value) + "=%", escape="\\"))
     if match.kind == "wildcard":
         return column.like(like_pattern(str(values[0])), escape="\\")
-    return column == values[0]
+    equal: sa.ColumnElement[bool] = column == values[0]
+    return equal
 
 
 def _search_statement(query: Query, dialect: str) -> sa.Select[Any]:

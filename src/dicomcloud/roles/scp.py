@@ -20,12 +20,13 @@ import socket
 import socketserver
 import threading
 import time
-from typing import Any
+from io import BytesIO
+from typing import cast
 
 from pydicom.dataset import Dataset
-from pydicom.uid import AllTransferSyntaxes
+from pydicom.uid import UID, AllTransferSyntaxes
 from pynetdicom import AE, _config, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomcloud.errors import DicomCloudError, InvalidInstance
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 _config.UNRESTRICTED_STORAGE_SERVICE = True
 _config.LOG_HANDLER_LEVEL = "none"
 _ANNOUNCE_TIMEOUT = 120.0
+_VERIFICATION = UID("1.2.840.10008.1.1")
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -56,7 +58,7 @@ class StoreService:
         self.runtime = runtime
         self.loop = loop
 
-    def handlers(self) -> list[tuple[Any, Any]]:
+    def handlers(self) -> list[evt.EventHandlerType]:
         return [(evt.EVT_C_STORE, self.on_store), (evt.EVT_CONN_OPEN, self.on_open),
                 (evt.EVT_C_ECHO, self.on_echo)]
 
@@ -81,12 +83,12 @@ class StoreService:
 
     def on_store(self, event: evt.Event) -> int | Dataset:
         started = time.perf_counter()
-        request = event.request
+        request = cast(C_STORE, event.request)
         origin = self.origin(event)
         sop_uid = str(request.AffectedSOPInstanceUID)
         try:
             data = dimse_file_bytes(
-                request.DataSet.getvalue(), event.context.transfer_syntax,
+                cast(BytesIO, request.DataSet).getvalue(), event.context.transfer_syntax,
                 str(request.AffectedSOPClassUID), sop_uid, origin.source_ae)
             stored = self.runtime.ingestor.store_bytes(data, origin, expect_sop_uid=sop_uid)
             self.runtime.ingestor.announce_from_thread([stored], self.loop, _ANNOUNCE_TIMEOUT)
@@ -120,8 +122,9 @@ def make_ae(runtime: Runtime) -> AE:
 
     syntaxes = list(AllTransferSyntaxes)
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, syntaxes)
-    ae.add_supported_context(Verification, syntaxes)
+        if context.abstract_syntax is not None:
+            ae.add_supported_context(context.abstract_syntax, syntaxes)
+    ae.add_supported_context(_VERIFICATION, syntaxes)
     return ae
 
 
@@ -148,7 +151,8 @@ class ReusePortServer(ThreadedAssociationServer):
 def _start_server(ae: AE, address: tuple[str, int], service: StoreService,
                   reuse_port: bool) -> ThreadedAssociationServer:
     if not reuse_port:
-        return ae.start_server(address, block=False, evt_handlers=service.handlers())
+        return cast(ThreadedAssociationServer,
+                    ae.start_server(address, block=False, evt_handlers=service.handlers()))
     server = ae.make_server(address, evt_handlers=service.handlers(),
                             server_class=ReusePortServer)
     thread = threading.Thread(target=server.serve_forever, name="dimse-acceptor",
