@@ -23,6 +23,7 @@ import os
 import signal
 import time
 from multiprocessing.process import BaseProcess
+from typing import Any
 
 from dicomcloud.config import Settings
 
@@ -47,14 +48,14 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _child_main(settings: Settings, parent: int) -> None:
+def _child_main(settings: Settings, parent: int, listening: Any) -> None:
     _die_with_parent(parent)
     logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)-7s %(name)s[%(process)d]: %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     from dicomcloud.runtime import serve
 
-    asyncio.run(serve(settings, parent_pid=parent))
+    asyncio.run(serve(settings, parent_pid=parent, listening=listening))
 
 
 class RoleProcesses:
@@ -65,17 +66,32 @@ class RoleProcesses:
         self.count = count
         self._context = multiprocessing.get_context("spawn")
         self._procs: list[BaseProcess] = []
+        self._listening: list[Any] = []
 
-    def _spawn(self) -> BaseProcess:
-        proc = self._context.Process(target=_child_main, args=(self.settings, os.getpid()),
+    def not_ready(self) -> str | None:
+        """Why the listeners are not all accepting associations yet, or None."""
+        up = sum(1 for p, e in zip(self._procs, self._listening, strict=True)
+                 if p.is_alive() and e.is_set())
+        return None if up == self.count else f"{up} of {self.count} DIMSE listeners up"
+
+    def _spawn(self, slot: int) -> BaseProcess:
+        listening = self._context.Event()
+        proc = self._context.Process(target=_child_main,
+                                     args=(self.settings, os.getpid(), listening),
                                      name="dicomcloud-scp", daemon=False)
         proc.start()  # from the loop thread: PDEATHSIG follows the thread that forked
         log.info("started DIMSE listener process %d", proc.pid)
+        if slot < len(self._procs):
+            self._procs[slot], self._listening[slot] = proc, listening
+        else:
+            self._procs.append(proc)
+            self._listening.append(listening)
         return proc
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep ``count`` listeners alive until ``stop``; then stop them gracefully."""
-        self._procs = [self._spawn() for _ in range(self.count)]
+        for slot in range(self.count):
+            self._spawn(slot)
         last_restart = 0.0
         try:
             while not stop.is_set():
@@ -88,7 +104,7 @@ class RoleProcesses:
                         if time.monotonic() - last_restart < _RESTART_PAUSE:
                             await asyncio.sleep(_RESTART_PAUSE)
                         last_restart = time.monotonic()
-                        self._procs[i] = self._spawn()
+                        self._spawn(i)
         finally:
             await self._stop_all()
 

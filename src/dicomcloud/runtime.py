@@ -42,9 +42,13 @@ class Runtime:
     storage: Storage
     ingestor: Ingestor
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, listening: Any = None) -> None:
         self.settings = settings
         self._stack = AsyncExitStack()
+        #: Set (a multiprocessing.Event) once this process's listener accepts connections.
+        self._listening = listening
+        #: Extra readiness checks for /readyz, e.g. "the DIMSE listener processes are up".
+        self.readiness: list[Callable[[], str | None]] = []
 
     async def __aenter__(self) -> Runtime:
         s = self.settings
@@ -69,6 +73,15 @@ class Runtime:
     async def __aexit__(self, *exc: object) -> None:
         await self._stack.aclose()
 
+    def mark_listening(self) -> None:
+        """Tell a supervising process that this one's listener is up."""
+        if self._listening is not None:
+            self._listening.set()
+
+    def not_ready(self) -> list[str]:
+        """Reasons this process is not ready yet (empty when ready)."""
+        return [reason for check in self.readiness if (reason := check())]
+
     async def generation(self, tenant_id: str) -> str:
         """Version of a tenant's index content, bumped by the consumer (cache keys)."""
         value = await self.cache.get(f"gen:{tenant_id}")
@@ -88,7 +101,7 @@ def role_main(role: str) -> RoleMain:
 
 async def serve(settings: Settings, *, stop: asyncio.Event | None = None,
                 on_ready: Callable[[], None] | None = None,
-                parent_pid: int | None = None) -> None:
+                parent_pid: int | None = None, listening: Any = None) -> None:
     """Run ``settings.roles`` until SIGTERM/SIGINT (or ``stop``), then drain and exit.
 
     With ``scp.processes > 0`` the scp role runs in that many listener processes
@@ -106,7 +119,9 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None,
 
         roles.remove("scp")
         listeners = RoleProcesses(settings, settings.scp.processes)
-    async with Runtime(settings) as runtime:
+    async with Runtime(settings, listening) as runtime:
+        if listeners is not None:
+            runtime.readiness.append(listeners.not_ready)
         mains = [role_main(role) for role in roles]
         log.info("dicomcloud starting roles %s (data in %s)", ",".join(settings.roles),
                  settings.data_dir.resolve())

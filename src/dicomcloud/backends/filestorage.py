@@ -5,7 +5,7 @@ Layout (DESIGN.md)::
     {root}/{tenant_id}/{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm
     {root}/metadata/{tenant_id}/{StudyInstanceUID}/{SeriesInstanceUID}.json
     {root}/metadata/{tenant_id}/{StudyInstanceUID}.json
-    {root}/.staging/                 files being received (removed at start)
+    {root}/.staging/{host}-{pid}/    files being received, one folder per process
 
 A file is written under ``.staging``, fsynced, renamed into place (atomic on POSIX, so a
 reader sees the old or the new file, never half of one) and its directory fsynced: after
@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import IO
@@ -80,7 +82,8 @@ class FileStorage:
             raise BackendError(f"storage URL {url!r}: expected file:///absolute/path")
         self.root = Path(unquote(parts.path))
         self.fsync = fsync
-        self._staging = self.root / ".staging"
+        self._staging_root = self.root / ".staging"
+        self._staging = self._staging_root / f"{socket.gethostname()}-{os.getpid()}"
         self._known_dirs: set[Path] = set()
 
     async def __aenter__(self) -> FileStorage:
@@ -93,17 +96,27 @@ class FileStorage:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        return None
+        shutil.rmtree(self._staging, ignore_errors=True)  # nothing in it was acknowledged
 
     def _sweep_staging(self) -> None:
-        """Remove files left by a crash mid-receive: they were never acknowledged."""
+        """Remove what dead processes of this host left mid-receive (never acknowledged).
+
+        Several processes (and, on shared storage, several hosts) stage side by side;
+        a folder is removed only when it is this host's and its process is gone.
+        """
+        prefix = f"{socket.gethostname()}-"
         stale = 0
-        for path in self._staging.iterdir():
-            if path.name.endswith(".part"):
+        for path in self._staging_root.iterdir():
+            pid = path.name[len(prefix):] if path.name.startswith(prefix) else ""
+            if path.is_dir() and pid.isdigit() and path != self._staging and not _alive(int(pid)):
+                stale += sum(1 for _ in path.iterdir())
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.is_file() and path.name.endswith(".part"):
                 path.unlink(missing_ok=True)
                 stale += 1
         if stale:
-            log.info("removed %d unacknowledged partial file(s) from %s", stale, self._staging)
+            log.info("removed %d unacknowledged partial file(s) from %s", stale,
+                     self._staging_root)
 
     def stage(self) -> FileStaged:
         try:
@@ -198,6 +211,16 @@ class FileStorage:
         if len(self._known_dirs) > 100_000:
             self._known_dirs.clear()
         self._known_dirs.add(directory)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_dir(directory: Path) -> None:

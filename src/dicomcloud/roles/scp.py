@@ -135,6 +135,7 @@ async def run(runtime: Runtime, stop: asyncio.Event) -> None:
     ae = make_ae(runtime)
     server = _start_server(ae, (s.host, s.port), service, reuse_port=s.reuse_port)
     log.info("DIMSE listening on %s:%d as %s", s.host, s.port, s.ae_title)
+    runtime.mark_listening()
     await stop.wait()
     await asyncio.to_thread(_drain, ae, server, runtime.settings.web.graceful_timeout)
 

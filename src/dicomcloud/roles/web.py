@@ -138,6 +138,8 @@ class DicomWeb:
                 Query(self.settings.default_tenant, "study", limit=1))
         except DicomCloudError as exc:
             return _error(503, f"index not ready: {exc.message}")
+        if reasons := self.runtime.not_ready():
+            return _error(503, "not ready: " + "; ".join(reasons))
         return JSONResponse({"status": "ready", "roles": list(self.settings.roles)})
 
 
