@@ -494,8 +494,9 @@ def layout_snapshot(archive: Archive) -> set[str]:
 
 
 def staging_files(archive: Archive) -> list[str]:
+    """Files in the staging area (its per-process folders included)."""
     staging = archive.data_dir / "storage" / ".staging"
-    return sorted(p.name for p in staging.iterdir()) if staging.exists() else []
+    return sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
 
 
 def is_listening(port: int) -> bool:

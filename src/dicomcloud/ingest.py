@@ -101,7 +101,8 @@ def dimse_file_bytes(dataset: bytes, transfer_syntax: str, sop_class: str,
 def inspect(fp: IO[bytes], size: int, *, expect_sop_uid: str | None = None) -> Dataset:
     """Parse and validate the header of a Part 10 file; raise ``InvalidInstance`` if refused.
 
-    Checks (PS3.4 B.2.3 statuses): readable Part 10 encoding (0xC000); valid Study, Series
+    Checks (PS3.4 B.2.3 statuses): readable Part 10 encoding of a data set that has at
+    least one of the four identifying UIDs (0xC000); valid Study, Series
     and SOP Instance UIDs (PS3.5 9.1) and a SOP Class UID (0xA900); the SOP Instance UID of
     the C-STORE request matches the data set (0xA900); image storage SOP classes carry
     complete pixel data (0xA900 when missing or short, 0xC000 when the file is truncated).
@@ -118,6 +119,11 @@ def inspect(fp: IO[bytes], size: int, *, expect_sop_uid: str | None = None) -> D
     except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError,
             AttributeError, struct.error, NotImplementedError, zlib.error) as exc:
         raise CannotUnderstand(f"not a readable DICOM file: {exc}") from exc
+    if all(value is None for value in uids.values()):
+        # pydicom parses nearly any bytes as elements; bytes holding none of the four
+        # identifying attributes are not a DICOM data set at all (or not in this encoding)
+        raise CannotUnderstand("no DICOM data set found: no SOP Class, SOP Instance, Study "
+                               "or Series Instance UID (not DICOM, or another encoding)")
     for keyword, value in uids.items():
         if not is_valid_uid(str(value) if value is not None else None):
             shown = "missing" if value is None else repr(str(value)[:70])
@@ -335,10 +341,21 @@ class Ingestor:
 
     def commit(self, staged: StagedFile, ds: Dataset, origin: Origin) -> StoredObject:
         """Move a validated staged file into the layout (fsync, rename); blocking."""
-        key = InstanceKey(origin.tenant_id, str(ds.StudyInstanceUID),
-                          str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
-        size = self.storage.commit(staged, key)
-        return stored_object(ds, key, size, origin, self.node_id)
+        return self.commit_many([(staged, ds)], origin)[0]
+
+    def commit_many(self, items: list[tuple[StagedFile, Dataset]],
+                    origin: Origin) -> list[StoredObject]:
+        """``commit`` for several files (STOW-RS): directories are synced once each."""
+        keys = [InstanceKey(origin.tenant_id, str(ds.StudyInstanceUID),
+                            str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+                for _, ds in items]
+        sizes = self.storage.commit_many([(s, k) for (s, _), k in zip(items, keys, strict=True)])
+        return [stored_object(ds, key, size, origin, self.node_id)
+                for (_, ds), key, size in zip(items, keys, sizes, strict=True)]
+
+    def sync_soon(self, staged: StagedFile) -> concurrent.futures.Future[None] | None:
+        """Start flushing a staged file to disk in the background (None if fsync is off)."""
+        return _SYNC_POOL.submit(staged.sync) if self.storage_sync else None
 
     async def announce(self, events: list[StoredObject]) -> None:
         """Publish storage events (durable); after this the sender may be told success."""

@@ -109,6 +109,9 @@ class Storage(AbstractAsyncContextManager["Storage"], Protocol):
         Replaces an existing instance with the same key. Returns the file size.
         """
 
+    def commit_many(self, items: Sequence[tuple[StagedFile, InstanceKey]]) -> list[int]:
+        """``commit`` for several files at once (one directory sync per directory)."""
+
     def discard(self, staged: StagedFile) -> None:
         """Delete a staged file that will not be committed."""
 

@@ -9,6 +9,8 @@ nothing behind (all or nothing per request; per part, the FailedSOPSequence says
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +72,7 @@ class _Pending:
     staged: StagedFile
     ds: Dataset
     result: PartResult
+    flushing: concurrent.futures.Future[None] | None
 
 
 @dataclass
@@ -124,17 +127,25 @@ class StowReceiver:
             raise BadRequest("multipart body holds no part")
         try:
             for pending in self._pending:
-                pending.result.stored = self.ingestor.commit(pending.staged, pending.ds,
-                                                             self.origin)
+                if pending.flushing is not None:
+                    pending.flushing.result()
+            stored = self.ingestor.commit_many(
+                [(p.staged, p.ds) for p in self._pending], self.origin)
         except BaseException:
             self.abort()
             raise
+        for pending, event in zip(self._pending, stored, strict=True):
+            pending.result.stored = event
         self._pending.clear()
         return self.results
 
     def abort(self) -> None:
         """Discard every staged file of this request."""
         for pending in self._pending:
+            if pending.flushing is not None:
+                pending.flushing.cancel()
+                with contextlib.suppress(Exception):
+                    pending.flushing.result()
             self.ingestor.storage.discard(pending.staged)
         self._pending.clear()
         if self._staged is not None:
@@ -188,7 +199,8 @@ class StowReceiver:
             error = DataSetMismatch("StudyInstanceUID differs from the study in the URL")
             result.failure_reason, result.message = error.failure_reason, error.message
             return result
-        self._pending.append(_Pending(staged, ds, result))
+        # flush this part to disk while the next ones are received
+        self._pending.append(_Pending(staged, ds, result, self.ingestor.sync_soon(staged)))
         return result
 
     def _end(self) -> None:

@@ -20,6 +20,7 @@ import re
 import shutil
 import socket
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
 from urllib.parse import unquote, urlsplit
@@ -125,26 +126,29 @@ class FileStorage:
             raise BackendError(f"cannot create a file in {self._staging}: {exc}") from exc
 
     def commit(self, staged: FileStaged, key: InstanceKey) -> int:
+        return self.commit_many([(staged, key)])[0]
+
+    def commit_many(self, items: Sequence[tuple[FileStaged, InstanceKey]]) -> list[int]:
+        """Commit several staged files; each directory is fsynced once for all of them."""
+        targets = [self._instance_path(key) for _, key in items]
         try:
-            target = self._instance_path(key)
-        except BadRequest:  # refused: leave nothing behind, not even the staged file
-            self.discard(staged)
-            raise
-        try:
-            staged.close(self.fsync)
-            self._ensure_dir(target.parent)
-            try:
-                os.replace(staged.path, target)
-            except FileNotFoundError:  # directory removed behind our back: make it again
-                self._known_dirs.discard(target.parent)
+            for (staged, _), target in zip(items, targets, strict=True):
+                staged.close(self.fsync)
                 self._ensure_dir(target.parent)
-                os.replace(staged.path, target)
+                try:
+                    os.replace(staged.path, target)
+                except FileNotFoundError:  # directory removed behind our back: make it again
+                    self._known_dirs.discard(target.parent)
+                    self._ensure_dir(target.parent)
+                    os.replace(staged.path, target)
             if self.fsync:
-                _fsync_dir(target.parent)
+                for directory in dict.fromkeys(t.parent for t in targets):
+                    _fsync_dir(directory)
         except OSError as exc:
-            self.discard(staged)
-            raise BackendError(f"cannot store {key.relative_path}: {exc}") from exc
-        return staged.size
+            for staged, _ in items:
+                self.discard(staged)
+            raise BackendError(f"cannot store {len(items)} instance(s): {exc}") from exc
+        return [staged.size for staged, _ in items]
 
     def discard(self, staged: FileStaged) -> None:
         try:
