@@ -40,7 +40,7 @@ DataDirOpt = Annotated[Path | None, typer.Option(
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)-7s %(name)s[%(process)d]: %(message)s",
         stream=sys.stderr,
     )
     for noisy in ("pynetdicom", "hypercorn.access", "aiosqlite", "aiokafka"):

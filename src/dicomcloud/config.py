@@ -35,6 +35,7 @@ class ScpSettings:
     ae_title: str = "DICOMCLOUD"
     host: str = "127.0.0.1"
     port: int = 11112
+    #: Concurrent associations accepted by each listener process.
     max_associations: int = 32
     #: Listener processes sharing the port (SO_REUSEPORT), so DIMSE decoding runs beside,
     #: not against, the indexer and the web server. 0 runs the role inside the main process.
@@ -70,6 +71,8 @@ class ConsumerSettings:
     """Indexer of ``storage_queue`` (role ``consumer``)."""
 
     batch_size: int = 500
+    #: After the first event of a batch, wait this long for more (fewer, larger transactions).
+    linger_seconds: float = 0.1
     group: str = "dicomcloud-consumer"
     max_attempts: int = 5
 

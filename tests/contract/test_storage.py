@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +26,13 @@ def root_of(storage: Storage) -> Path:
     if root is None:
         pytest.fail(f"{type(storage).__name__} exposes no root to inspect")
     return Path(root)
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited."""
+    with subprocess.Popen([sys.executable, "-c", "pass"]) as gone:
+        gone.wait()
+    return gone.pid
 
 
 def store(storage: Storage, key: InstanceKey, data: bytes) -> int:
@@ -156,11 +166,14 @@ async def test_open_sweeps_leftover_staging_files(
         root = root_of(storage)
         key = instance_key()
         store(storage, key, b"kept")
-        # what kill -9 leaves behind: a receive and a metadata write, never committed
-        (root / ".staging" / "0123abcd.part").write_bytes(b"half an instance")
-        (root / ".staging" / "4567cdef.meta.part").write_bytes(b"half a metadata document")
-    assert any(p.name.endswith(".part") for p in files_under(root / ".staging"))
+    # what kill -9 leaves behind: receives and a metadata write never committed, loose or
+    # in the staging folder of a process that is gone
+    dead = root / ".staging" / f"{socket.gethostname()}-{dead_pid()}"
+    dead.mkdir(parents=True, exist_ok=True)
+    (dead / "0123abcd.part").write_bytes(b"half an instance")
+    (root / ".staging" / "4567cdef.meta.part").write_bytes(b"half a metadata document")
+    assert len(files_under(root / ".staging")) == 2
     async with storage_opener() as reopened:
-        assert not any(p.name.endswith(".part") for p in files_under(root / ".staging"))
+        assert files_under(root / ".staging") == []
         with reopened.open(key.relative_path) as fh:
             assert fh.read() == b"kept"

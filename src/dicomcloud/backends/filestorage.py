@@ -130,7 +130,12 @@ class FileStorage:
 
     def commit_many(self, items: Sequence[tuple[FileStaged, InstanceKey]]) -> list[int]:
         """Commit several staged files; each directory is fsynced once for all of them."""
-        targets = [self._instance_path(key) for _, key in items]
+        try:
+            targets = [self._instance_path(key) for _, key in items]
+        except BadRequest:  # refused: leave nothing behind, not even the staged files
+            for staged, _ in items:
+                self.discard(staged)
+            raise
         try:
             for (staged, _), target in zip(items, targets, strict=True):
                 staged.close(self.fsync)

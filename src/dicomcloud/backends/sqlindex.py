@@ -250,6 +250,13 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
                    "case_sensitive_like=ON", "temp_store=MEMORY", "cache_size=-65536"):
         cur.execute(f"PRAGMA {pragma}")
     cur.close()
+    # SQLite's own lower() folds ASCII only, but PN matching lowers the query value with
+    # Python's str.lower: both sides must fold alike, or "Люк*" never finds "Люкceмбypг".
+    dbapi_conn.create_function("lower", 1, _unicode_lower, deterministic=True)
+
+
+def _unicode_lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
 
 
 def _insert_for(conn: AsyncConnection) -> Any:

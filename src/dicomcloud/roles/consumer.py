@@ -41,7 +41,7 @@ class Consumer:
         queue, group = self.runtime.queue, self.settings.group
         backoff = 0.5
         while not stop.is_set():
-            messages = await queue.fetch(TOPIC, group, self.settings.batch_size, _FETCH_WAIT)
+            messages = await self._fetch_batch()
             if not messages:
                 continue
             try:
@@ -55,6 +55,16 @@ class Consumer:
                 continue
             backoff = 0.5
             await queue.commit(group, messages)
+
+    async def _fetch_batch(self) -> list[Message]:
+        """A batch: after the first message, wait ``linger_seconds`` for more (like Kafka's
+        fetch.max.wait) so that a steady trickle is indexed in few transactions."""
+        queue, group, size = self.runtime.queue, self.settings.group, self.settings.batch_size
+        messages = await queue.fetch(TOPIC, group, size, _FETCH_WAIT)
+        if messages and len(messages) < size and self.settings.linger_seconds > 0:
+            await asyncio.sleep(self.settings.linger_seconds)
+            messages += await queue.fetch(TOPIC, group, size - len(messages), 0)
+        return messages
 
     async def process(self, messages: list[Message]) -> None:
         """Index one batch and publish its analytics messages (not committed here)."""
