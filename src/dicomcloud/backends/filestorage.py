@@ -44,7 +44,10 @@ class FileStaged:
 
     def write(self, data: bytes) -> None:
         assert self._fh is not None, "write after close"
-        self._fh.write(data)
+        try:
+            self._fh.write(data)
+        except OSError as exc:  # ENOSPC, EIO, ...: the caller answers "out of resources"
+            raise BackendError(f"storage write failed: {exc.strerror or exc}") from exc
         self._size += len(data)
         self._synced = False
 
@@ -54,8 +57,11 @@ class FileStaged:
 
     def sync(self) -> None:
         assert self._fh is not None, "sync after close"
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        try:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        except OSError as exc:
+            raise BackendError(f"storage flush failed: {exc.strerror or exc}") from exc
         self._synced = True
 
     @property
