@@ -79,6 +79,15 @@ class Archive:
              "--ae-title", self.ae_title, "--roles", self.roles],
             cwd=self.data_dir.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.kill()  # a fixture that failed to start has no teardown to stop it
+            raise
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -86,7 +95,7 @@ class Archive:
             try:
                 if (httpx.get(f"{self.base}/readyz", timeout=1).status_code == 200
                         and ("scp" not in self.roles or self._dimse_open())):
-                    return self
+                    return
             except httpx.HTTPError:
                 pass
             time.sleep(0.1)

@@ -5,7 +5,7 @@ File Meta Information header followed by the data set bytes of the C-STORE reque
 
 Two senders, because DCMTK re-encodes what it sends: it reads each file and writes the
 data set again (group lengths dropped, sequence lengths and deflate streams re-encoded),
-so for about 40 % of the test files the bytes on the wire are not the file's bytes.
+so for nearly half of the test files the bytes on the wire are not the file's bytes.
 
 - ``storescu`` with the option that proposes the file's transfer syntax first (``-xb``
   big endian, ``-xi`` implicit, ``-xy`` JPEG baseline, ... compressed ones included; the

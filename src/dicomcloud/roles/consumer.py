@@ -80,9 +80,11 @@ class Consumer:
             await rt.queue.publish(out)
             for tenant in {i.event.tenant_id for i in items}:
                 await rt.bump_generation(tenant)
-            # An instance re-sent under another study/series left its old file behind.
+            # An instance re-sent under another study/series leaves its old file behind. It
+            # is kept, not deleted: a later event may have written that path again (A, B,
+            # then A), and deleting could lose an acknowledged instance.
             for path in orphans:
-                await asyncio.to_thread(rt.storage.remove, path)
+                log.warning("instance re-sent under another series; old file kept: %s", path)
         elif parked:
             await rt.queue.publish(parked)
         log.debug("indexed %d instance(s), parked %d", len(items), len(parked))
