@@ -251,7 +251,8 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
         cur.execute(f"PRAGMA {pragma}")
     cur.close()
     # SQLite's own lower() folds ASCII only, but PN matching lowers the query value with
-    # Python's str.lower: both sides must fold alike, or "Люк*" never finds "Люкceмбypг".
+    # Python's str.lower: both sides must fold alike, or a Cyrillic "LUK*" pattern never
+    # finds its lowercase twin.
     dbapi_conn.create_function("lower", 1, _unicode_lower, deterministic=True)
 
 
