@@ -46,6 +46,13 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, interval: fl
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {message} (last: {last!r})")
 
 
+def _die_with_test_run() -> None:
+    """In the archive's process: get SIGTERM when the test run dies (no leaked servers)."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class Archive:
     """A ``dicomcloud run`` process with its own data directory and ports."""
 
@@ -77,6 +84,7 @@ class Archive:
             [sys.executable, "-m", "dicomcloud", "run", "--data-dir", str(self.data_dir),
              "--http-port", str(self.http_port), "--dimse-port", str(self.dimse_port),
              "--ae-title", self.ae_title, "--roles", self.roles],
+            preexec_fn=_die_with_test_run,
             cwd=self.data_dir.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         try:
