@@ -138,6 +138,10 @@ def test_acknowledged_instances_survive_kill_9(
             series_of[str(ds.SOPInstanceUID)] = str(ds.SeriesInstanceUID)
         batch = pending + fresh
         got = send_and_kill(archive, batch, rng, notes)
+        # on disk the moment the server died, before a restart could repair anything
+        lost = [sop for sop in got if not archive.stored_path(
+            TENANT, study, series_of[sop], sop).is_file()]
+        assert lost == [], f"{len(lost)} acknowledged file(s) missing\n" + "\n".join(notes)
         acked.update(got)
         pending = [ds for ds in batch if str(ds.SOPInstanceUID) not in acked]
         archive.restart()
@@ -179,5 +183,5 @@ def test_acknowledged_instances_survive_kill_9(
 
     # 4. nothing half-written is left once the archive has settled
     staging = archive.data_dir / "storage" / ".staging"
-    wait_until(lambda: not any(p.name.endswith(".part") for p in staging.iterdir()),
-               timeout=30, message="empty staging area")
+    wait_until(lambda: not list(staging.rglob("*.part")), timeout=30,
+               message="empty staging area")
