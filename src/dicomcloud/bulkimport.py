@@ -23,7 +23,8 @@ class ImportReport:
     """What an import did."""
 
     accepted: int = 0
-    rejected: list[tuple[Path, str]] = field(default_factory=list)
+    #: (file, reason class such as "0xC000 CannotUnderstand", the precise message)
+    rejected: list[tuple[Path, str, str]] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -53,9 +54,9 @@ async def import_files(settings: Settings, files: list[Path], tenant: str | None
                 stored = await asyncio.to_thread(runtime.ingestor.store_chunks, chunks, origin)
                 pending.append(stored)
             except InvalidInstance as exc:
-                report.rejected.append((path, _reason(exc)))
+                report.rejected.append((path, _reason(exc), exc.message))
             except OSError as exc:
-                report.rejected.append((path, f"unreadable: {exc.strerror or exc}"))
+                report.rejected.append((path, "unreadable", str(exc.strerror or exc)))
             if len(pending) >= _ANNOUNCE_EVERY:
                 await runtime.ingestor.announce(pending)
                 report.accepted += len(pending)

@@ -37,7 +37,15 @@ DataDirOpt = Annotated[Path | None, typer.Option(
     "--data-dir", help="Data directory (index, queue, storage) [default: ./dicomcloud-data].")]
 
 
+def _quiet_pydicom() -> None:
+    """Our own checks judge the data (and say why); pydicom's value warnings are noise."""
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+
 def _setup_logging(level: str) -> None:
+    _quiet_pydicom()
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)-7s %(name)s[%(process)d]: %(message)s",
@@ -170,12 +178,13 @@ def import_(
     table.add_column("result")
     table.add_column("files", justify="right")
     table.add_row("accepted", str(report.accepted))
-    reasons = Counter(reason for _, reason in report.rejected)
+    reasons = Counter(reason for _, reason, _ in report.rejected)
     for reason, count in reasons.most_common():
         table.add_row(f"rejected: {reason}", str(count))
     console.print(table)
-    for path, reason in report.rejected[:20]:
-        console.print(f"  [yellow]{path}[/yellow]: {reason}")
+    for path, reason, detail in report.rejected[:20]:
+        console.print(f"  [yellow]{path}[/yellow]: {reason}: {detail}", markup=True,
+                      highlight=False)
     if len(report.rejected) > 20:
         console.print(f"  ... and {len(report.rejected) - 20} more")
     console.print(f"accepted {report.accepted}, rejected {len(report.rejected)} "

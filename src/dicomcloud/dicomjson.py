@@ -9,14 +9,18 @@ them against the request's base URL.
 
 from __future__ import annotations
 
+import base64
+import math
+import struct
 from typing import IO, Any
 
 import orjson
 import pydicom
-from pydicom.dataelem import DataElement
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+#: Binary values whose base64 form is longer than this become BulkDataURIs.
 BULK_THRESHOLD = 1024
 _PIXEL_VR = {"PixelData": "OW", "FloatPixelData": "OF", "DoubleFloatPixelData": "OD"}
 
@@ -36,16 +40,11 @@ def instance_json(fp: IO[bytes]) -> dict[str, Any]:
 
 def dataset_json(ds: Dataset, base: str, *, has_pixels: str | None) -> dict[str, Any]:
     """DICOM JSON of a header; ``has_pixels`` names the pixel data keyword if present."""
-
-    def bulk(element: DataElement) -> str:
-        return f"{base}/bulkdata/{element.tag:08X}"
-
     out: dict[str, Any] = {}
     tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if tsyntax:
         out["00020010"] = {"vr": "UI", "Value": [str(tsyntax)]}
-    out.update(ds.to_json_dict(bulk_data_threshold=BULK_THRESHOLD,
-                               bulk_data_element_handler=bulk, suppress_invalid_tags=True))
+    out.update(_items(ds, base, _encoding(ds)))
     if has_pixels:
         tag = pydicom.datadict.tag_for_keyword(has_pixels)
         vr = _PIXEL_VR[has_pixels]
@@ -54,6 +53,126 @@ def dataset_json(ds: Dataset, base: str, *, has_pixels: str | None) -> dict[str,
             vr = "OB"
         out[f"{tag:08X}"] = {"vr": vr, "BulkDataURI": f"{base}/bulkdata/{tag:08X}"}
     return out
+
+
+# -- fast path -------------------------------------------------------------------------
+# pydicom's to_json_dict converts every element through its general value machinery
+# (milliseconds per instance). Raw little-endian elements of the common VRs in a
+# single-byte or UTF-8 character set are converted here directly instead; anything else
+# (sequences are recursed, other VRs and character sets) falls back to pydicom, element by
+# element. tests/test_dicomjson.py checks both agree on every valid test file.
+_SPLIT_TEXT = frozenset({"AE", "AS", "CS", "DA", "DT", "LO", "SH", "TM", "UC", "UI"})
+_WHOLE_TEXT = frozenset({"LT", "ST", "UT", "UR"})
+_NUMBERS = {"US": "H", "SS": "h", "UL": "I", "SL": "i", "SV": "q", "UV": "Q"}
+_BINARY = frozenset({"OB", "OD", "OF", "OL", "OV", "OW"})
+_FAST_CHARSETS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1",
+                  "ISO_IR 192": "utf-8"}
+
+
+def _encoding(ds: Dataset) -> str | None:
+    raw = ds.get_item(0x00080005)
+    if raw is None:
+        return "latin-1"
+    value = raw.value
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    if not isinstance(value, str):  # multi-valued: code extensions (ISO 2022)
+        return None
+    return _FAST_CHARSETS.get(value.strip())
+
+
+def _items(ds: Dataset, base: str, encoding: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for tag, element in ds._dict.items():
+        key = f"{int(tag):08X}"
+        fast = None
+        if encoding is not None and isinstance(element, RawDataElement):
+            fast = _raw(element, key, base, encoding)
+        if fast is None:
+            fast = _slow(ds, int(tag), key, base, encoding)
+        if fast is not None:
+            out[key] = fast
+    return out
+
+
+def _slow(ds: Dataset, tag: int, key: str, base: str,
+          encoding: str | None) -> dict[str, Any] | None:
+    try:
+        element = ds[tag]
+    except Exception:
+        return None
+    if element.VR == "SQ":
+        return {"vr": "SQ", "Value": [
+            _items(item, base, _encoding(item) if 0x00080005 in item else encoding)
+            for item in element.value]}
+    try:
+        return element.to_json_dict(lambda e: f"{base}/bulkdata/{key}", BULK_THRESHOLD)
+    except Exception:
+        return None
+
+
+def _raw(element: RawDataElement, key: str, base: str, encoding: str) -> dict[str, Any] | None:
+    vr, value = element.VR, element.value
+    if (not element.is_little_endian or element.is_buffered or vr is None or value is None
+            or vr == "SQ"):
+        return None
+    if not value:
+        return {"vr": vr}
+    if vr in _SPLIT_TEXT or vr in _WHOLE_TEXT or vr in ("IS", "DS", "PN"):
+        try:
+            text = value.decode(encoding)
+        except UnicodeDecodeError:
+            return None
+        if vr == "UI":
+            text = text.rstrip("\x00 ")
+        if vr in _WHOLE_TEXT:
+            text = text.rstrip(" \x00")
+            return {"vr": vr, "Value": [text]} if text else {"vr": vr}
+        parts = text.rstrip(" \x00").split("\\")  # as pydicom: trailing padding only
+        if vr == "PN":
+            return {"vr": vr, "Value": [_person(p) for p in parts]}
+        if vr in ("IS", "DS"):
+            try:
+                numbers = [(int(p) if vr == "IS" else float(p)) if p.strip() else None
+                           for p in parts]
+            except ValueError:
+                return None
+            if any(n is not None and not math.isfinite(n) for n in numbers):
+                return None
+            return {"vr": vr, "Value": numbers} if any(n is not None for n in numbers) \
+                else {"vr": vr}
+        if parts == [""]:
+            return {"vr": vr}
+        return {"vr": vr, "Value": parts}
+    if vr in _NUMBERS:
+        code = _NUMBERS[vr]
+        size = struct.calcsize(code)
+        if len(value) % size:
+            return None
+        return {"vr": vr, "Value": list(struct.unpack(f"<{len(value) // size}{code}", value))}
+    if vr in ("FL", "FD"):
+        size = 4 if vr == "FL" else 8
+        if len(value) % size:
+            return None
+        floats = list(struct.unpack(f"<{len(value) // size}{'f' if size == 4 else 'd'}", value))
+        return {"vr": vr, "Value": floats} if all(map(math.isfinite, floats)) else None
+    if vr == "AT":
+        if len(value) % 4:
+            return None
+        pairs = struct.unpack(f"<{len(value) // 2}H", value)
+        return {"vr": vr, "Value": [f"{pairs[i]:04X}{pairs[i + 1]:04X}"
+                                    for i in range(0, len(pairs), 2)]}
+    if vr in _BINARY:
+        if len(value) > (BULK_THRESHOLD // 4) * 3:  # the threshold is on the base64 size
+            return {"vr": vr, "BulkDataURI": f"{base}/bulkdata/{key}"}
+        return {"vr": vr, "InlineBinary": base64.b64encode(value).decode("ascii")}
+    return None
+
+
+def _person(text: str) -> dict[str, str]:
+    groups = text.split("=")
+    names = zip(("Alphabetic", "Ideographic", "Phonetic"), groups, strict=False)
+    return {k: v for k, v in names if v}
 
 
 def _has_pixels(fp: IO[bytes]) -> str | None:

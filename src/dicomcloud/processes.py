@@ -50,6 +50,9 @@ def _die_with_parent(parent: int) -> None:
 
 def _child_main(settings: Settings, parent: int, listening: Any) -> None:
     _die_with_parent(parent)
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)-7s %(name)s[%(process)d]: %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)

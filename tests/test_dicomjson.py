@@ -1,0 +1,67 @@
+"""DICOM JSON (PS3.18 Annex F) of stored instances: the fast converter agrees with
+pydicom's reference conversion on every valid test file, in every character set."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pydicom
+import pytest
+
+from dicomcloud.dicomjson import BULK_THRESHOLD, instance_json
+from tests.support import SampleFile, valid_testdata
+
+
+def _reference(path: Any) -> dict[str, Any]:
+    """pydicom's own to_json_dict with the same BulkDataURI rule."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    base = (f"studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
+            f"/instances/{ds.SOPInstanceUID}")
+    return dict(ds.to_json_dict(
+        bulk_data_threshold=BULK_THRESHOLD,
+        bulk_data_element_handler=lambda e: f"{base}/bulkdata/{int(e.tag):08X}",
+        suppress_invalid_tags=True))
+
+
+def _without_ours(doc: dict[str, Any]) -> dict[str, Any]:
+    """Drop what only we add: the transfer syntax and the pixel data BulkDataURI."""
+    return {k: v for k, v in doc.items() if k not in {"00020010", "7FE00010", "7FE00008",
+                                                       "7FE00009"}}
+
+
+def _charset_files() -> list[Any]:
+    """pydicom's character set samples that could be archived (they carry the UIDs)."""
+    from pathlib import Path
+
+    folder = Path(pydicom.__file__).parent / "data" / "charset_files"
+    keep = []
+    for path in sorted(folder.glob("chr*.dcm")):
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if all(k in ds for k in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")):
+            keep.append(path)
+    assert len(keep) >= 15, "the character set samples are missing"
+    return keep
+
+
+@pytest.mark.parametrize("sample", valid_testdata(), ids=lambda s: s.path.name)
+def test_fast_json_equals_pydicom_reference(sample: SampleFile) -> None:
+    with open(sample.path, "rb") as fh:
+        ours = instance_json(fh)
+    assert _without_ours(ours) == _reference(sample.path)
+
+
+@pytest.mark.parametrize("path", _charset_files(), ids=lambda p: p.name)
+def test_fast_json_decodes_every_character_set_like_pydicom(path: Any) -> None:
+    with open(path, "rb") as fh:
+        ours = instance_json(fh)
+    assert _without_ours(ours) == _reference(path)
+
+
+def test_pixel_data_is_a_bulk_data_uri_never_inline() -> None:
+    sample = next(s for s in valid_testdata() if s.path.name == "CT_small.dcm")
+    with open(sample.path, "rb") as fh:
+        doc = instance_json(fh)
+    pixel = doc["7FE00010"]
+    assert set(pixel) == {"vr", "BulkDataURI"}
+    assert pixel["BulkDataURI"].endswith("/bulkdata/7FE00010")
+    assert doc["00020010"] == {"vr": "UI", "Value": [str(sample.transfer_syntax)]}
