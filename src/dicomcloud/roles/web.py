@@ -28,7 +28,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from dicomcloud.errors import BadRequest, DicomCloudError, PayloadTooLarge
+from dicomcloud.errors import DicomCloudError, PayloadTooLarge
 from dicomcloud.ingest import Origin
 from dicomcloud.qido import to_json
 from dicomcloud.query import Level, Query, parse_qido
@@ -95,6 +95,7 @@ class DicomWeb:
 
     # -- QIDO-RS ------------------------------------------------------------------------
     async def search(self, request: Request, level: Level) -> Response:
+        """QIDO-RS (PS3.18 10.6). No match is 200 with an empty array (CP-2473)."""
         tenant = self.tenant(request)
         web = self.settings.web
         query, warnings = parse_qido(
@@ -180,7 +181,7 @@ def create_app(runtime: Runtime) -> Starlette:
         return _error(500, "internal error; the archive logged the details")
 
     return Starlette(routes=routes, exception_handlers={
-        DicomCloudError: dicom_error, BadRequest: dicom_error, Exception: unexpected})
+        DicomCloudError: dicom_error, Exception: unexpected})
 
 
 def hypercorn_config(runtime: Runtime) -> HypercornConfig:
