@@ -44,7 +44,7 @@ def dataset_json(ds: Dataset, base: str, *, has_pixels: str | None) -> dict[str,
     tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if tsyntax:
         out["00020010"] = {"vr": "UI", "Value": [str(tsyntax)]}
-    out.update(_items(ds, base, _encoding(ds)))
+    out.update(_items(ds, base, fast_encoding(ds)))
     if has_pixels:
         tag = pydicom.datadict.tag_for_keyword(has_pixels)
         vr = _PIXEL_VR[has_pixels]
@@ -69,7 +69,8 @@ _FAST_CHARSETS = {"": "latin-1", "ISO_IR 6": "latin-1", "ISO_IR 100": "latin-1",
                   "ISO_IR 192": "utf-8"}
 
 
-def _encoding(ds: Dataset) -> str | None:
+def fast_encoding(ds: Dataset) -> str | None:
+    """Python codec of a data set's character set if it is single-byte or UTF-8, else None."""
     raw = ds.get_item(0x00080005)
     if raw is None:
         return "latin-1"
@@ -103,7 +104,7 @@ def _slow(ds: Dataset, tag: int, key: str, base: str,
         return None
     if element.VR == "SQ":
         return {"vr": "SQ", "Value": [
-            _items(item, base, _encoding(item) if 0x00080005 in item else encoding)
+            _items(item, base, fast_encoding(item) if 0x00080005 in item else encoding)
             for item in element.value]}
     try:
         return element.to_json_dict(lambda e: f"{base}/bulkdata/{key}", BULK_THRESHOLD)
