@@ -17,6 +17,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pydicom.tag import BaseTag
 
 from dicomcloud.dicomjson import fast_encoding
 from dicomcloud.ingest import parse_da
@@ -55,7 +56,7 @@ class HeaderReader:
         return out[:limit] if limit else out
 
     def _raw_text(self, keyword: str) -> str | None:
-        element = self.ds._dict.get(_tag(keyword))
+        element = self.ds._dict.get(BaseTag(_tag(keyword)))
         if (self.encoding is None or not isinstance(element, RawDataElement)
                 or not element.is_little_endian or element.VR in (None, "SQ", "UN")
                 or element.VR not in _TEXT_VRS or element.value is None):
