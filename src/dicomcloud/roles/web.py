@@ -28,12 +28,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from dicomcloud.errors import DicomCloudError, PayloadTooLarge
+from dicomcloud.errors import BadRequest, DicomCloudError, PayloadTooLarge
 from dicomcloud.ingest import Origin
 from dicomcloud.qido import to_json
 from dicomcloud.query import Level, Query, parse_qido
 from dicomcloud.runtime import Runtime
 from dicomcloud.stow import StowReceiver, parse_content_type, response_body
+from dicomcloud.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
@@ -67,9 +68,8 @@ class DicomWeb:
             raise PayloadTooLarge(f"request body of {declared} bytes exceeds the limit of "
                                   f"{limit} bytes (web.max_upload_bytes)")
         boundary = parse_content_type(request.headers.get("content-type", ""))
-        if study_uid is not None:
-            parse_qido(self.tenant(request), "study", (), study_uid=study_uid,
-                       default_limit=1, max_limit=1)  # validates the UID in the path
+        if study_uid is not None and not is_valid_uid(study_uid):
+            raise BadRequest(f"invalid study UID in the path: {study_uid[:70]!r}")
         client = request.client.host if request.client else None
         receiver = StowReceiver(self.runtime.ingestor, Origin(self.tenant(request), None, client),
                                 boundary, study_uid, limit)
