@@ -81,7 +81,7 @@ def test_listener_processes_are_supervised_and_die_with_the_archive(archive_fact
                 Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
 
     listeners = listener_pids()
-    assert len(listeners) == 2
+    assert len(listeners) == 4  # two DIMSE listeners, two HTTP servers
     # a listener that dies is replaced, and the archive is not ready until it is back
     os.kill(listeners[0], signal.SIGKILL)
 
@@ -109,4 +109,4 @@ def test_readyz_and_healthz(archive: Archive) -> None:
     assert httpx.get(f"{archive.base}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{archive.base}/readyz").json()
     assert ready["status"] == "ready"
-    assert set(ready["roles"]) == {"scp", "consumer", "web", "worker"}
+    assert "web" in ready["roles"]  # the roles of the process that answered

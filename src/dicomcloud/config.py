@@ -60,6 +60,10 @@ class WebSettings:
     host: str = "127.0.0.1"
     port: int = 8080
     root: str = "/dicomweb"
+    #: HTTP server processes sharing the port (SO_REUSEPORT); 0 serves from the main process.
+    processes: int = 2
+    #: Bind with SO_REUSEPORT (set for the HTTP server processes).
+    reuse_port: bool = False
     max_upload_bytes: int = 4 * 1024**3
     qido_default_limit: int = 1000
     qido_max_limit: int = 10000

@@ -1,9 +1,10 @@
-"""Extra OS processes for a role (today: the DIMSE listeners, ``scp.processes``).
+"""Extra OS processes for a role: DIMSE listeners (``scp.processes``) and HTTP servers
+(``web.processes``).
 
-pynetdicom decodes PDUs in Python threads; in the process that also indexes and serves
-HTTP they would compete for one interpreter lock. Listener processes bind the same port
-with SO_REUSEPORT (the kernel spreads associations over them) and share the embedded
-queue file and storage with the main process, which stays their supervisor:
+pynetdicom decodes PDUs in Python threads, STOW-RS parses multipart bodies; in the process
+that also indexes they would all compete for one interpreter lock. Role processes bind the
+same port with SO_REUSEPORT (the kernel spreads connections over them) and share the
+embedded queue file and storage with the main process, which stays their supervisor:
 
 - a listener that dies is restarted (with a pause if it keeps dying);
 - on SIGTERM the main process forwards it and waits for running associations to finish;
@@ -32,10 +33,11 @@ _PR_SET_PDEATHSIG = 1
 _RESTART_PAUSE = 2.0
 
 
-def listener_settings(settings: Settings) -> Settings:
-    """Settings of one listener process: only the scp role, on a shared port."""
-    scp = dataclasses.replace(settings.scp, processes=0, reuse_port=True)
-    return dataclasses.replace(settings, roles=("scp",), scp=scp)
+def role_settings(settings: Settings, role: str) -> Settings:
+    """Settings of one role process: only ``role``, on a port shared with its siblings."""
+    section = getattr(settings, role)
+    shared = dataclasses.replace(section, processes=0, reuse_port=True)
+    return dataclasses.replace(settings, roles=(role,), **{role: shared})
 
 
 def _die_with_parent(parent: int) -> None:
@@ -62,10 +64,11 @@ def _child_main(settings: Settings, parent: int, listening: Any) -> None:
 
 
 class RoleProcesses:
-    """Starts, watches and stops the listener processes of the main process."""
+    """Starts, watches and stops the processes of one role for the main process."""
 
-    def __init__(self, settings: Settings, count: int) -> None:
-        self.settings = listener_settings(settings)
+    def __init__(self, settings: Settings, role: str, count: int) -> None:
+        self.settings = role_settings(settings, role)
+        self.role = role
         self.count = count
         self._context = multiprocessing.get_context("spawn")
         self._procs: list[BaseProcess] = []
@@ -75,15 +78,21 @@ class RoleProcesses:
         """Why the listeners are not all accepting associations yet, or None."""
         up = sum(1 for p, e in zip(self._procs, self._listening, strict=True)
                  if p.is_alive() and e.is_set())
-        return None if up == self.count else f"{up} of {self.count} DIMSE listeners up"
+        return None if up == self.count else f"{up} of {self.count} {self.role} processes up"
+
+    async def wait_ready(self, stop: asyncio.Event) -> None:
+        """Return once every process listens (or ``stop`` is set)."""
+        # the readiness flags are multiprocessing Events, which cannot be awaited
+        while self.not_ready() and not stop.is_set():  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
 
     def _spawn(self, slot: int) -> BaseProcess:
         listening = self._context.Event()
         proc = self._context.Process(target=_child_main,
                                      args=(self.settings, os.getpid(), listening),
-                                     name="dicomcloud-scp", daemon=False)
+                                     name=f"dicomcloud-{self.role}", daemon=False)
         proc.start()  # from the loop thread: PDEATHSIG follows the thread that forked
-        log.info("started DIMSE listener process %d", proc.pid)
+        log.info("started %s process %d", self.role, proc.pid)
         if slot < len(self._procs):
             self._procs[slot], self._listening[slot] = proc, listening
         else:
@@ -91,8 +100,14 @@ class RoleProcesses:
             self._listening.append(listening)
         return proc
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Keep ``count`` listeners alive until ``stop``; then stop them gracefully."""
+    async def run(self, stop: asyncio.Event, after: RoleProcesses | None = None) -> None:
+        """Keep ``count`` processes alive until ``stop``; then stop them gracefully.
+
+        With ``after``, start only once those are ready: the web processes answer /readyz,
+        so they come up after the DIMSE listeners.
+        """
+        if after is not None:
+            await after.wait_ready(stop)
         for slot in range(self.count):
             self._spawn(slot)
         last_restart = 0.0
@@ -102,8 +117,8 @@ class RoleProcesses:
                     await asyncio.wait_for(stop.wait(), 0.5)
                 for i, proc in enumerate(self._procs):
                     if not stop.is_set() and not proc.is_alive():
-                        log.error("DIMSE listener %s exited with %s; restarting", proc.pid,
-                                  proc.exitcode)
+                        log.error("%s process %s exited with %s; restarting", self.role,
+                                  proc.pid, proc.exitcode)
                         if time.monotonic() - last_restart < _RESTART_PAUSE:
                             await asyncio.sleep(_RESTART_PAUSE)
                         last_restart = time.monotonic()
@@ -119,6 +134,6 @@ class RoleProcesses:
         for proc in self._procs:
             await asyncio.to_thread(proc.join, max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
-                log.warning("DIMSE listener %s did not stop; killing it", proc.pid)
+                log.warning("%s process %s did not stop; killing it", self.role, proc.pid)
                 proc.kill()
                 await asyncio.to_thread(proc.join, 5)

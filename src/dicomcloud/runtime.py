@@ -21,6 +21,7 @@ from dicomcloud.backends import backend_class
 from dicomcloud.config import Settings
 from dicomcloud.ingest import Ingestor
 from dicomcloud.ports import Cache, Index, Queue, Storage
+from dicomcloud.processes import RoleProcesses
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,11 @@ class Runtime:
     async def __aexit__(self, *exc: object) -> None:
         await self._stack.aclose()
 
+    @property
+    def cache_shared(self) -> bool:
+        """True when other processes see this cache (not the in-process one)."""
+        return not self.settings.resolved_cache_url.startswith("memory:")
+
     def mark_listening(self) -> None:
         """Tell a supervising process that this one's listener is up."""
         if self._listening is not None:
@@ -104,8 +110,8 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None,
                 parent_pid: int | None = None, listening: Any = None) -> None:
     """Run ``settings.roles`` until SIGTERM/SIGINT (or ``stop``), then drain and exit.
 
-    With ``scp.processes > 0`` the scp role runs in that many listener processes
-    (``dicomcloud.processes``) and this process supervises them.
+    With ``scp.processes`` / ``web.processes`` above 0 those roles run in that many
+    processes of their own (``dicomcloud.processes``), supervised by this one.
     """
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -113,23 +119,24 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None,
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, _request_stop, stop, sig)
     roles = list(settings.roles)
-    listeners = None
-    if "scp" in roles and settings.scp.processes > 0:
-        from dicomcloud.processes import RoleProcesses
-
-        roles.remove("scp")
-        listeners = RoleProcesses(settings, settings.scp.processes)
+    groups: dict[str, RoleProcesses] = {}
+    for role in ("scp", "web"):  # the roles that may run in processes of their own
+        count = getattr(settings, role).processes
+        if role in roles and count > 0:
+            roles.remove(role)
+            groups[role] = RoleProcesses(settings, role, count)
     async with Runtime(settings, listening) as runtime:
-        if listeners is not None:
-            runtime.readiness.append(listeners.not_ready)
+        for group_ in groups.values():
+            runtime.readiness.append(group_.not_ready)
         mains = [role_main(role) for role in roles]
         log.info("dicomcloud starting roles %s (data in %s)", ",".join(settings.roles),
                  settings.data_dir.resolve())
         async with asyncio.TaskGroup() as group:
             for role, main in zip(roles, mains, strict=True):
                 group.create_task(_guard(role, main, runtime, stop), name=f"role-{role}")
-            if listeners is not None:
-                group.create_task(listeners.run(stop), name="scp-processes")
+            for role, processes in groups.items():
+                after = groups.get("scp") if role == "web" else None
+                group.create_task(processes.run(stop, after), name=f"{role}-processes")
             if parent_pid is not None:
                 group.create_task(_watch_parent(parent_pid, stop), name="watch-parent")
             if on_ready is not None:

@@ -18,6 +18,7 @@ import asyncio
 import dataclasses
 import hashlib
 import logging
+import socket
 from typing import Any
 
 import orjson
@@ -28,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 
-from dicomcloud.errors import BadRequest, DicomCloudError, PayloadTooLarge
+from dicomcloud.errors import BackendError, BadRequest, DicomCloudError, PayloadTooLarge
 from dicomcloud.ingest import Origin
 from dicomcloud.qido import to_json
 from dicomcloud.query import Level, Query, parse_qido
@@ -52,6 +53,9 @@ class DicomWeb:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.settings = runtime.settings
+        # Cached QIDO results are invalidated by the consumer: only a cache it shares
+        # (Redis, or the in-process one when the consumer runs in this process) is safe.
+        self.cache_qido = runtime.cache_shared or "consumer" in runtime.settings.roles
 
     def base_url(self, request: Request) -> str:
         return str(request.base_url).rstrip("/") + self.settings.web.root
@@ -104,8 +108,8 @@ class DicomWeb:
             series_uid=request.path_params.get("series"),
             default_limit=web.qido_default_limit, max_limit=web.qido_max_limit)
         base = self.base_url(request)
-        key = await self._cache_key(tenant, level, request, base)
-        cached = await self.runtime.cache.get(key)
+        key = await self._cache_key(tenant, level, request, base) if self.cache_qido else None
+        cached = await self.runtime.cache.get(key) if key else None
         if cached is not None:
             more, body = cached[:1] == b"1", cached[1:]
         else:
@@ -113,7 +117,8 @@ class DicomWeb:
             rows = await self.runtime.index.search(probe)
             more = len(rows) > query.limit
             body = orjson.dumps([to_json(query, r, base) for r in rows[:query.limit]])
-            await self.runtime.cache.set(key, (b"1" if more else b"0") + body, _QIDO_TTL)
+            if key:
+                await self.runtime.cache.set(key, (b"1" if more else b"0") + body, _QIDO_TTL)
         headers = {}
         if more:
             warnings.append('299 dicomcloud "There are additional results that can be '
@@ -188,7 +193,6 @@ def hypercorn_config(runtime: Runtime) -> HypercornConfig:
     """Hypercorn settings of the web role."""
     s = runtime.settings.web
     config = HypercornConfig()
-    config.bind = [f"{s.host}:{s.port}"]
     config.graceful_timeout = s.graceful_timeout
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
@@ -197,9 +201,30 @@ def hypercorn_config(runtime: Runtime) -> HypercornConfig:
     return config
 
 
+def _listen(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """The listening socket, bound here so that readiness is known (hypercorn takes the fd)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        raise BackendError(f"cannot listen for HTTP on {host}:{port}: {exc.strerror}; "
+                           "is another server using the port? (web.port / --http-port)") from exc
+    sock.listen(1024)
+    return sock
+
+
 async def run(runtime: Runtime, stop: asyncio.Event) -> None:
     """Serve HTTP until ``stop``; in-flight requests finish (``graceful_timeout``)."""
+    s = runtime.settings.web
     config = hypercorn_config(runtime)
-    log.info("DICOMweb on http://%s%s", config.bind[0], runtime.settings.web.root)
+    sock = _listen(s.host, s.port, s.reuse_port)
+    config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns the descriptor from here
+    log.info("DICOMweb on http://%s:%d%s", s.host, s.port, s.root)
+    runtime.mark_listening()
     await hypercorn_serve(create_app(runtime), config,  # type: ignore[arg-type]
                           shutdown_trigger=stop.wait)
