@@ -194,10 +194,6 @@ class FileStorage:
         except FileNotFoundError:
             return None
 
-    def path_of(self, relative_path: str) -> Path:
-        """Absolute path of a stored file (for zero-copy reads by the web role)."""
-        return self._resolve(relative_path)
-
     def _instance_path(self, key: InstanceKey) -> Path:
         for uid in (key.study_uid, key.series_uid, key.sop_uid):
             if not is_valid_uid(uid):
