@@ -44,8 +44,6 @@ class MetadataBuilder:
         series_path = f"{task.tenant_id}/{task.study_uid}/{task.series_uid}.json"
         await asyncio.to_thread(rt.storage.write_metadata, series_path, series_doc)
         await self._write_study(task)
-        await rt.cache.delete(f"meta:{task.tenant_id}:{task.study_uid}",
-                              f"meta:{task.tenant_id}:{task.study_uid}:{task.series_uid}")
         return len(docs)
 
     async def _write_study(self, task: JsonTask) -> None:
