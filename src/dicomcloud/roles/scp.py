@@ -1,9 +1,10 @@
-"""Role ``scp``: DICOM Upper Layer server (pynetdicom) for C-ECHO and C-STORE.
+"""Role ``scp``: DICOM Upper Layer server for C-ECHO and C-STORE.
 
-pynetdicom runs each association in its own thread. The C-STORE handler does its blocking
-work (validate, write, fsync, rename) in that thread and hands the durable publish of the
-storage event to the asyncio loop with ``run_coroutine_threadsafe``; it answers success
-only after that publish returned (PS3.4 B.2.3: success means the SCP has stored it).
+Each association runs in its own thread. Associations that propose only Verification and
+Storage SOP classes are served by the lean acceptor of ``dul.py``; any other is handed to
+pynetdicom (see that module for why). The C-STORE handler does its blocking work
+(validate, write, fsync, rename) in the association's thread and publishes the storage
+event durably before it answers success (PS3.4 B.2.3: success means the SCP has stored it).
 
 Statuses (PS3.4 B.2.3, PS3.7 C): 0x0000 success; 0xA700 out of resources (storage or
 queue unavailable); 0xA900 data set does not match SOP class (invalid UIDs, missing or
@@ -27,10 +28,18 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, AllTransferSyntaxes
 from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.service_class import StorageServiceClass, VerificationServiceClass
+from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from dicomcloud.errors import DicomCloudError, InvalidInstance
-from dicomcloud.ingest import Origin, dimse_file_bytes
+from dicomcloud.ingest import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION,
+    Origin,
+    file_meta_bytes,
+)
+from dicomcloud.roles import dul
 from dicomcloud.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -106,29 +115,45 @@ class StoreService:
         return Origin(tenant, str(requestor.ae_title).strip() or None, requestor.address)
 
     def on_store(self, event: evt.Event) -> int | Dataset:
-        started = time.perf_counter()
+        """pynetdicom's C-STORE handler (associations that pynetdicom serves)."""
         request = cast(C_STORE, event.request)
-        origin = self.origin(event)
-        sop_uid = str(request.AffectedSOPInstanceUID)
+        data = memoryview(cast(BytesIO, request.DataSet).getbuffer())
+        status, comment = self.store(
+            event.context.transfer_syntax, str(request.AffectedSOPClassUID),
+            str(request.AffectedSOPInstanceUID), [data], self.origin(event))
+        return status if comment is None else _status(status, comment)
+
+    def on_native_store(self, transfer_syntax: str, sop_class: str, sop_uid: str,
+                        data: list[memoryview], request: dul.AssociateRequest,
+                        address: str) -> tuple[int, str | None]:
+        """C-STORE handler of the lean acceptor (``dul.StorageAssociation``)."""
+        settings = self.runtime.settings
+        tenant = settings.tenant_for_called_ae(request.called_title) or settings.default_tenant
+        origin = Origin(tenant, request.calling_title or None, address)
+        return self.store(transfer_syntax, sop_class, sop_uid, data, origin)
+
+    def store(self, transfer_syntax: str, sop_class: str, sop_uid: str,
+              data: list[memoryview], origin: Origin) -> tuple[int, str | None]:
+        """Store one received data set; the DIMSE status and Error Comment to answer."""
+        started = time.perf_counter()
         try:
-            data = dimse_file_bytes(
-                cast(BytesIO, request.DataSet).getvalue(), event.context.transfer_syntax,
-                str(request.AffectedSOPClassUID), sop_uid, origin.source_ae)
-            stored = self.runtime.ingestor.store_bytes(data, origin, expect_sop_uid=sop_uid)
+            meta = file_meta_bytes(transfer_syntax, sop_class, sop_uid, origin.source_ae)
+            stored = self.runtime.ingestor.store_bytes(b"".join([meta, *data]), origin,
+                                                       expect_sop_uid=sop_uid)
             self.runtime.ingestor.announce_from_thread([stored], self.loop, _ANNOUNCE_TIMEOUT)
         except InvalidInstance as exc:
             log.warning("C-STORE from %s refused (0x%04X) %s: %s", origin.source_ae,
                         exc.dimse_status, sop_uid[:64], exc.message)
-            return _status(exc.dimse_status, exc.message)
+            return exc.dimse_status, exc.message
         except DicomCloudError as exc:
             log.error("C-STORE from %s failed: %s", origin.source_ae, exc.message)
-            return _status(0xA700, "archive unavailable, retry later")
+            return 0xA700, "archive unavailable, retry later"
         except Exception:
             log.exception("C-STORE from %s: unexpected error", origin.source_ae)
-            return _status(0xA700, "internal error, retry later")
+            return 0xA700, "internal error, retry later"
         log.debug("stored %s (%d bytes) in %.1f ms", stored.file_path, stored.file_size,
                   (time.perf_counter() - started) * 1000)
-        return 0x0000
+        return 0x0000, None
 
 
 def make_ae(runtime: Runtime) -> AE:
@@ -164,22 +189,109 @@ async def run(runtime: Runtime, stop: asyncio.Event) -> None:
     await asyncio.to_thread(_drain, ae, server, runtime.settings.web.graceful_timeout)
 
 
-class ReusePortServer(ThreadedAssociationServer):
-    """An association server whose port other listener processes may bind too."""
+def serves_natively(request: dul.AssociateRequest) -> bool:
+    """True when the lean acceptor can serve every context proposed: Verification and
+    Storage SOP classes (private ones too), no SCP/SCU role selection (PS3.7 D.3.3.4)."""
+    if request.role_selection:
+        return False
+    for context in request.contexts:
+        service = uid_to_service_class(context.abstract_syntax)
+        if service not in (StorageServiceClass, VerificationServiceClass) and \
+                service.__name__ != "ServiceClass":  # unknown UID: a private storage class
+            return False
+    return True
+
+
+class DimseServer(ThreadedAssociationServer):
+    """The DIMSE listener: each connection gets a thread that peeks at the association
+    request and serves it with ``dul.StorageAssociation`` or hands it to pynetdicom."""
+
+    reuse_port = False
+
+    def __init__(self, *args: object, service: StoreService, **kwargs: object) -> None:
+        self.service = service
+        self._native: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        settings = service.runtime.settings.scp
+        self.acceptance = dul.Acceptance(
+            ae_title=settings.ae_title, max_pdu_size=settings.max_pdu_size,
+            implementation_class_uid=str(IMPLEMENTATION_CLASS_UID),
+            implementation_version=IMPLEMENTATION_VERSION,
+            transfer_syntaxes=frozenset(str(ts) for ts in AllTransferSyntaxes),
+            allowed_calling_aets=tuple(settings.allowed_calling_aets))
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     def server_bind(self) -> None:
         assert self.socket is not None
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         super().server_bind()
+
+    @property
+    def association_count(self) -> int:
+        return len(self._native) + len(self.active_associations)
+
+    def process_request(self, request: socket.socket | tuple[bytes, socket.socket],
+                        client_address: tuple[str, int] | str) -> None:
+        threading.Thread(target=self._route, args=(request, client_address),
+                         name="dimse-association", daemon=True).start()
+
+    def _route(self, sock: socket.socket, address: tuple[str, int]) -> None:
+        settings = self.service.runtime.settings.scp
+        with contextlib.suppress(OSError):
+            # Without TCP_NODELAY each small C-STORE-RSP waits for the peer's delayed ACK.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        timeout = sock.gettimeout()
+        try:
+            request = dul.peek_associate_rq(sock, settings.acse_timeout)
+            sock.settimeout(timeout)
+        except (OSError, dul.ProtocolError, ValueError) as exc:
+            log.info("connection from %s closed before an association: %s", address[0], exc)
+            with contextlib.suppress(OSError):
+                sock.close()
+            return
+        if request is None or not serves_natively(request):
+            self.process_request_thread(sock, address)  # pynetdicom takes it from here
+            return
+        if self.association_count >= settings.max_associations:
+            log.warning("association from %s rejected: %d associations already open",
+                        address[0], settings.max_associations)
+            with contextlib.suppress(OSError):
+                sock.sendall(dul.encode_associate_rj(2, 3, 2))  # transient, local limit
+                sock.close()
+            return
+        with self._lock:
+            self._native.add(sock)
+        try:
+            dul.StorageAssociation(
+                sock, address, self.acceptance,
+                lambda ts, cls, uid, data, rq: self.service.on_native_store(
+                    ts, cls, uid, data, rq, address[0]),
+                settings.network_timeout).run()
+        finally:
+            with self._lock:
+                self._native.discard(sock)
+
+    def abort_native(self) -> None:
+        """Drop the lean acceptor's connections (the end of a graceful stop)."""
+        with self._lock:
+            for sock in list(self._native):
+                with contextlib.suppress(OSError):
+                    sock.sendall(dul.encode_abort(2, 0))
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+class ReusePortServer(DimseServer):
+    """A DIMSE listener whose port other listener processes may bind too."""
+
+    reuse_port = True
 
 
 def _start_server(ae: AE, address: tuple[str, int], service: StoreService,
-                  reuse_port: bool) -> ThreadedAssociationServer:
-    if not reuse_port:
-        return cast(ThreadedAssociationServer,
-                    ae.start_server(address, block=False, evt_handlers=service.handlers()))
-    server = ae.make_server(address, evt_handlers=service.handlers(),
-                            server_class=ReusePortServer)
+                  reuse_port: bool) -> DimseServer:
+    server_class = ReusePortServer if reuse_port else DimseServer
+    server = server_class(ae, address, ae.ae_title, ae.supported_contexts,
+                          evt_handlers=service.handlers(), service=service)
     thread = threading.Thread(target=server.serve_forever, name="dimse-acceptor",
                               daemon=True)
     thread.start()
@@ -187,14 +299,15 @@ def _start_server(ae: AE, address: tuple[str, int], service: StoreService,
     return server
 
 
-def _drain(ae: AE, server: ThreadedAssociationServer, timeout: float) -> None:
+def _drain(ae: AE, server: DimseServer, timeout: float) -> None:
     """Stop accepting, wait for running associations, then abort what is left."""
     socketserver.BaseServer.shutdown(server)  # stop serve_forever, keep associations
     server.server_close()
     deadline = time.monotonic() + timeout
-    while server.active_associations and time.monotonic() < deadline:
+    while server.association_count and time.monotonic() < deadline:
         time.sleep(0.05)
-    left = len(server.active_associations)
+    left = server.association_count
     if left:
         log.warning("aborting %d association(s) still open after %.0f s", left, timeout)
+    server.abort_native()
     ae.shutdown()
