@@ -81,7 +81,7 @@ def test_listener_processes_are_supervised_and_die_with_the_archive(archive_fact
                 Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
 
     listeners = listener_pids()
-    assert len(listeners) == 4  # two DIMSE listeners, two HTTP servers
+    assert len(listeners) == 3  # one DIMSE listener, two HTTP servers (the defaults)
     # a listener that dies is replaced, and the archive is not ready until it is back
     os.kill(listeners[0], signal.SIGKILL)
 

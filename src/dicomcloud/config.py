@@ -37,9 +37,10 @@ class ScpSettings:
     port: int = 11112
     #: Concurrent associations accepted by each listener process.
     max_associations: int = 32
-    #: Listener processes sharing the port (SO_REUSEPORT), so DIMSE decoding runs beside,
-    #: not against, the indexer and the web server. 0 runs the role inside the main process.
-    processes: int = 2
+    #: Listener processes sharing the port (SO_REUSEPORT), so DIMSE receiving runs beside,
+    #: not against, the indexer and the web server. One suffices for ~300 images/s; more
+    #: only help when Python, not the disk, limits ingest. 0 runs the role in the main process.
+    processes: int = 1
     #: Bind with SO_REUSEPORT (set for the listener processes; lets them share the port).
     reuse_port: bool = False
     #: Calling AE titles allowed to associate; empty means any.

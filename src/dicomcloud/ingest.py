@@ -33,6 +33,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 
 from dicomcloud import __version__
 from dicomcloud.errors import CannotUnderstand, DataSetMismatch, InvalidInstance
+from dicomcloud.header import read_header
 from dicomcloud.model import InstanceKey, StoredObject, body, fmt_datetime, utcnow
 from dicomcloud.ports import Outgoing, Queue, StagedFile, Storage
 from dicomcloud.uids import is_valid_uid, uid_hash
@@ -98,7 +99,8 @@ def dimse_file_bytes(dataset: bytes, transfer_syntax: str, sop_class: str,
     return file_meta_bytes(transfer_syntax, sop_class, sop_instance, source_ae) + dataset
 
 
-def inspect(fp: IO[bytes], size: int, *, expect_sop_uid: str | None = None) -> Dataset:
+def inspect(fp: IO[bytes], size: int, *, expect_sop_uid: str | None = None,
+            data: bytes | None = None) -> Dataset:
     """Parse and validate the header of a Part 10 file; raise ``InvalidInstance`` if refused.
 
     Checks (PS3.4 B.2.3 statuses): readable Part 10 encoding of a data set that has at
@@ -106,10 +108,16 @@ def inspect(fp: IO[bytes], size: int, *, expect_sop_uid: str | None = None) -> D
     and SOP Instance UIDs (PS3.5 9.1) and a SOP Class UID (0xA900); the SOP Instance UID of
     the C-STORE request matches the data set (0xA900); image storage SOP classes carry
     complete pixel data (0xA900 when missing or short, 0xC000 when the file is truncated).
+    ``data``, when given, is the whole file already in memory (``fp`` reads the same bytes):
+    its header is then read by ``header.read_header``, pydicom taking over when that declines.
     """
+    fast = read_header(data) if data is not None else None
     try:
-        ds = pydicom.dcmread(fp, stop_before_pixels=True)
-        pixel_at = fp.tell()
+        if fast is not None:
+            ds, pixel_at = fast
+        else:
+            ds = pydicom.dcmread(fp, stop_before_pixels=True)
+            pixel_at = fp.tell()
         if "TransferSyntaxUID" not in ds.file_meta:
             raise CannotUnderstand("file meta information has no Transfer Syntax UID")
         uids = {k: ds.get(k) for k in ("StudyInstanceUID", "SeriesInstanceUID",
@@ -305,7 +313,8 @@ class Ingestor:
             if self.storage_sync:
                 flushing = _SYNC_POOL.submit(staged.sync)
             try:
-                ds = inspect(io.BytesIO(data), len(data), expect_sop_uid=expect_sop_uid)
+                ds = inspect(io.BytesIO(data), len(data), expect_sop_uid=expect_sop_uid,
+                             data=data)
             finally:
                 if self.storage_sync:
                     flushing.result()
