@@ -17,8 +17,8 @@ from pydicom.uid import (
 )
 
 from dicomcloud.header import read_header
-from tests.factories import ct_dataset, new_uid, write_part10
 from tests import support
+from tests.factories import ct_dataset, new_uid, write_part10
 
 
 def _reference(data: bytes) -> tuple[Dataset, int] | None:
@@ -45,7 +45,7 @@ def _same(fast: Dataset, ref: Dataset) -> None:
             if ref[tag].VR != "SQ":
                 assert fast[tag].value == ref[tag].value, tag
                 assert fast[tag].VR == ref[tag].VR, tag
-        for tag in ref.file_meta.keys():
+        for tag in ref.file_meta:
             assert fast.file_meta[tag].value == ref.file_meta[tag].value, tag
     assert fast.original_encoding == ref.original_encoding
     assert fast._character_set == ref._character_set

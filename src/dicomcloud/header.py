@@ -17,9 +17,11 @@ attributes; sequences of defined length stay raw, for pydicom to read if ever as
 from __future__ import annotations
 
 import struct
+from collections.abc import MutableMapping
+from typing import cast
 
 from pydicom.charset import convert_encodings
-from pydicom.dataelem import RawDataElement, convert_raw_data_element
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.tag import BaseTag
 
@@ -35,6 +37,7 @@ _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _TAG_LENGTH = struct.Struct("<HHI")
 _EXPLICIT_SHORT = struct.Struct("<HH2sH")
+_Elements = MutableMapping[BaseTag, DataElement | RawDataElement]
 
 
 class _Unusual(Exception):
@@ -67,8 +70,8 @@ def read_header(data: bytes, *, whole: bool = True) -> tuple[FileDataset, int] |
             return None
     except (_Unusual, struct.error, UnicodeDecodeError):
         return None
-    ds = FileDataset("", Dataset(elements), preamble=data[:128],
-                     file_meta=FileMetaDataset(meta), is_implicit_VR=implicit,
+    ds = FileDataset("", Dataset(cast(_Elements, elements)), preamble=data[:128],
+                     file_meta=FileMetaDataset(cast(_Elements, meta)), is_implicit_VR=implicit,
                      is_little_endian=True)
     charset = elements.get(BaseTag(0x00080005))
     encoding = convert_encodings(convert_raw_data_element(charset).value) \

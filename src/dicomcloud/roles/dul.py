@@ -17,13 +17,14 @@ C-CANCEL is ignored (a C-STORE cannot be cancelled midway); any other command ge
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import socket
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO
+from typing import cast
 
 log = logging.getLogger(__name__)
 
@@ -308,7 +309,7 @@ class StorageAssociation:
         self.contexts: dict[int, str] = {}  # accepted context id -> transfer syntax
         self.peer_max = 0
         self.stats = AssociationStats()
-        self._reader: IO[bytes] | None = None
+        self._reader: io.BufferedReader | None = None
 
     # -- transport --------------------------------------------------------------------
     def _read_exact(self, size: int) -> bytearray:
@@ -317,7 +318,7 @@ class StorageAssociation:
         view = memoryview(buffer)
         got = 0
         while got < size:
-            count = self._reader.readinto(view[got:])  # type: ignore[attr-defined]
+            count = self._reader.readinto(view[got:])
             if not count:
                 raise ConnectionError("peer closed the connection")
             got += count
@@ -351,7 +352,8 @@ class StorageAssociation:
         request: AssociateRequest | None = None
         try:
             self.sock.settimeout(self.network_timeout)
-            self._reader = self.sock.makefile("rb", buffering=1 << 18)
+            self._reader = cast(io.BufferedReader,
+                                self.sock.makefile("rb", buffering=1 << 18))
             kind, body = self._read_pdu()
             if kind != ASSOCIATE_RQ:
                 raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{kind:02X}")
