@@ -45,7 +45,7 @@ def _same(fast: Dataset, ref: Dataset) -> None:
             if ref[tag].VR != "SQ":
                 assert fast[tag].value == ref[tag].value, tag
                 assert fast[tag].VR == ref[tag].VR, tag
-        for tag in ref.file_meta:
+        for tag in ref.file_meta.keys():  # noqa: SIM118 - iterating a Dataset yields elements
             assert fast.file_meta[tag].value == ref.file_meta[tag].value, tag
     assert fast.original_encoding == ref.original_encoding
     assert fast._character_set == ref._character_set
