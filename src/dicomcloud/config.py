@@ -135,11 +135,15 @@ class Settings:
         return self.storage_url or f"file://{self.data_dir.resolve() / 'storage'}"
 
     def tenant_for_called_ae(self, called_ae: str) -> str | None:
-        """Tenant served under a called AE title, None when the title is unknown."""
-        title = called_ae.strip()
+        """Tenant served under a called AE title, None when the title is unknown.
+
+        Titles match regardless of case: the ``ae_tenants`` keys are kept in upper case
+        (environment variables and TOML tables disagree about case otherwise).
+        """
+        title = called_ae.strip().upper()
         if title in self.scp.ae_tenants:
             return self.scp.ae_tenants[title]
-        if title == self.scp.ae_title:
+        if title == self.scp.ae_title.strip().upper():
             return self.default_tenant
         return None
 

@@ -46,6 +46,7 @@ IMPLEMENTATION_CLASS_UID = UID("2.25.133501381975903227923581599138899895490")
 IMPLEMENTATION_VERSION = f"DICOMCLOUD_{__version__}"[:16]
 _PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # Pixel, Float, Double Float Pixel Data
 _ITEM, _SEQ_END = 0xFFFEE000, 0xFFFEE0DD
+_HEAD_BYTES = 64 * 1024  # read at once: nearly every header ends before this
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,7 @@ def dimse_file_bytes(dataset: bytes, transfer_syntax: str, sop_class: str,
 
 
 def inspect(fp: IO[bytes], size: int, *, expect_sop_uid: str | None = None,
-            data: bytes | None = None) -> Dataset:
+            head: bytes | None = None) -> Dataset:
     """Parse and validate the header of a Part 10 file; raise ``InvalidInstance`` if refused.
 
     Checks (PS3.4 B.2.3 statuses): readable Part 10 encoding of a data set that has at
@@ -108,14 +109,16 @@ def inspect(fp: IO[bytes], size: int, *, expect_sop_uid: str | None = None,
     and SOP Instance UIDs (PS3.5 9.1) and a SOP Class UID (0xA900); the SOP Instance UID of
     the C-STORE request matches the data set (0xA900); image storage SOP classes carry
     complete pixel data (0xA900 when missing or short, 0xC000 when the file is truncated).
-    ``data``, when given, is the whole file already in memory (``fp`` reads the same bytes):
-    its header is then read by ``header.read_header``, pydicom taking over when that declines.
+    ``head``, when given, holds the first bytes of the file (all of them, or a prefix that
+    ``fp`` also reads): the header is then read by ``header.read_header``, pydicom taking
+    over when that declines.
     """
-    fast = read_header(data) if data is not None else None
+    fast = read_header(head, whole=len(head) >= size) if head is not None else None
     try:
         if fast is not None:
             ds, pixel_at = fast
         else:
+            fp.seek(0)
             ds = pydicom.dcmread(fp, stop_before_pixels=True)
             pixel_at = fp.tell()
         if "TransferSyntaxUID" not in ds.file_meta:
@@ -314,7 +317,7 @@ class Ingestor:
                 flushing = _SYNC_POOL.submit(staged.sync)
             try:
                 ds = inspect(io.BytesIO(data), len(data), expect_sop_uid=expect_sop_uid,
-                             data=data)
+                             head=data)
             finally:
                 if self.storage_sync:
                     flushing.result()
@@ -328,7 +331,7 @@ class Ingestor:
         try:
             staged.flush()  # the tail may still sit in the write buffer
             with open(staged.path, "rb") as fh:
-                return inspect(fh, staged.size)
+                return inspect(fh, staged.size, head=fh.read(_HEAD_BYTES))
         except BaseException:
             self.storage.discard(staged)
             raise

@@ -255,19 +255,65 @@ def response(command: dict[int, bytes], status: int, comment: str | None = None)
     return encode_command(sorted(elements))
 
 
-def peek_associate_rq(sock: socket.socket, timeout: float) -> AssociateRequest | None:
-    """Read the A-ASSOCIATE-RQ without consuming it; None if the first PDU is not one."""
-    sock.settimeout(timeout)
-    head = sock.recv(6, socket.MSG_PEEK | socket.MSG_WAITALL)
-    if len(head) < 6:
-        return None
-    kind, length = _HEAD.unpack(head)
-    if kind != ASSOCIATE_RQ or length > _MAX_RQ_LENGTH:
-        return None
-    data = sock.recv(6 + length, socket.MSG_PEEK | socket.MSG_WAITALL)
-    if len(data) < 6 + length:
-        return None
-    return parse_associate_rq(data[6:])
+class NotAnAssociation(Exception):
+    """The connection did not open with an A-ASSOCIATE-RQ in time."""
+
+
+def peek_associate_rq(sock: socket.socket, timeout: float) -> tuple[AssociateRequest, int]:
+    """Read the A-ASSOCIATE-RQ without consuming it: the request and its size in bytes.
+
+    Waits up to ``timeout`` (the ARTIM timer, PS3.8 9.1.5) for the whole PDU, however it
+    is split into segments; raises ``NotAnAssociation`` when the peer sends something else,
+    closes first or is too slow, and ``ProtocolError`` for a malformed request.
+    """
+    sock.settimeout(None)  # blocking: MSG_WAITALL then waits, bounded by SO_RCVTIMEO
+    seconds = max(timeout, 0.001)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO,
+                    struct.pack("ll", int(seconds), int(seconds % 1 * 1_000_000)))
+    try:
+        head = _peek(sock, 6)
+        kind, length = _HEAD.unpack(head)
+        if kind != ASSOCIATE_RQ:
+            raise NotAnAssociation(f"first PDU is not an A-ASSOCIATE-RQ (0x{kind:02X})")
+        if length > _MAX_RQ_LENGTH:
+            raise NotAnAssociation(f"A-ASSOCIATE-RQ of {length} bytes")
+        data = _peek(sock, 6 + length)
+    finally:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 0))
+    return parse_associate_rq(data[6:]), 6 + length
+
+
+def _peek(sock: socket.socket, size: int) -> bytes:
+    try:
+        data = sock.recv(size, socket.MSG_PEEK | socket.MSG_WAITALL)
+    except BlockingIOError as exc:  # SO_RCVTIMEO expired with nothing received
+        raise NotAnAssociation("no association request in time") from exc
+    if len(data) < size:
+        raise NotAnAssociation("connection closed or too slow before a whole PDU")
+    return data
+
+
+def refuse(sock: socket.socket, pdu: bytes, unread: int = 0) -> None:
+    """Answer ``pdu`` (A-ASSOCIATE-RJ or A-ABORT) and close without a TCP reset.
+
+    The ``unread`` bytes the peer sent (the peeked request) are consumed first: closing a
+    socket with unread data makes the kernel reset the connection, and the peer might lose
+    the answer.
+    """
+    with contextlib.suppress(OSError):
+        sock.settimeout(2.0)
+        while unread > 0:
+            chunk = sock.recv(min(unread, 65536))
+            if not chunk:
+                break
+            unread -= len(chunk)
+        sock.sendall(pdu)
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(0.5)
+        while sock.recv(65536):  # whatever else the peer sends until it closes
+            pass
+    with contextlib.suppress(OSError):
+        sock.close()
 
 
 @dataclass

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import socket
 import socketserver
+import struct
 import threading
 import time
 from io import BytesIO
@@ -243,25 +244,34 @@ class DimseServer(ThreadedAssociationServer):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         timeout = sock.gettimeout()
         try:
-            request = dul.peek_associate_rq(sock, settings.acse_timeout)
-            sock.settimeout(timeout)
-        except (OSError, dul.ProtocolError, ValueError) as exc:
-            log.info("connection from %s closed before an association: %s", address[0], exc)
+            request, size = dul.peek_associate_rq(sock, settings.acse_timeout)
+        except (dul.NotAnAssociation, dul.ProtocolError, ValueError, struct.error) as exc:
+            log.info("connection from %s refused: %s", address[0], exc)
+            dul.refuse(sock, dul.encode_abort(2, 0))
+            return
+        except OSError as exc:
+            log.info("connection from %s lost before an association: %s", address[0], exc)
             with contextlib.suppress(OSError):
                 sock.close()
             return
-        if request is None or not serves_natively(request):
-            self.process_request_thread(sock, address)  # pynetdicom takes it from here
-            return
-        if self.association_count >= settings.max_associations:
+        native = serves_natively(request)
+        with self._lock:
+            # pynetdicom counts only its own associations: the limit is enforced here
+            if self.association_count >= settings.max_associations:
+                full = True
+            else:
+                full = False
+                if native:
+                    self._native.add(sock)
+        if full:
             log.warning("association from %s rejected: %d associations already open",
                         address[0], settings.max_associations)
-            with contextlib.suppress(OSError):
-                sock.sendall(dul.encode_associate_rj(2, 3, 2))  # transient, local limit
-                sock.close()
+            dul.refuse(sock, dul.encode_associate_rj(2, 3, 2), unread=size)  # local limit
             return
-        with self._lock:
-            self._native.add(sock)
+        if not native:
+            sock.settimeout(timeout)
+            self.process_request_thread(sock, address)  # pynetdicom takes it from here
+            return
         try:
             dul.StorageAssociation(
                 sock, address, self.acceptance,
