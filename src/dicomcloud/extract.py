@@ -11,9 +11,10 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import math
+import struct
 from typing import Any
 
-from pydicom.datadict import tag_for_keyword
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -55,17 +56,25 @@ class HeaderReader:
             return None
         return out[:limit] if limit else out
 
-    def _raw_text(self, keyword: str) -> str | None:
-        element = self.ds._dict.get(BaseTag(_tag(keyword)))
-        if (self.encoding is None or not isinstance(element, RawDataElement)
-                or not element.is_little_endian or element.VR in (None, "SQ", "UN")
-                or element.VR not in _TEXT_VRS or element.value is None):
+    def _raw(self, keyword: str) -> tuple[str, bytes] | None:
+        """VR and bytes of a little endian raw element (VR from the dictionary when implicit)."""
+        tag, dictionary_vr = _tag_vr(keyword)
+        element = self.ds._dict.get(tag)
+        if (not isinstance(element, RawDataElement) or not element.is_little_endian
+                or element.value is None):
             return None
+        return element.VR or dictionary_vr, element.value
+
+    def _raw_text(self, keyword: str) -> str | None:
+        raw = self._raw(keyword) if self.encoding is not None else None
+        if raw is None or raw[0] not in _TEXT_VRS:
+            return None
+        vr, value = raw
         try:
-            out = element.value.decode(self.encoding).strip(" \x00").replace("\x00", "")
+            out = value.decode(self.encoding).strip(" \x00").replace("\x00", "")  # type: ignore[arg-type]
         except UnicodeDecodeError:
             return None
-        if element.VR == "PN":  # empty trailing component groups are not part of the name
+        if vr == "PN":  # empty trailing component groups are not part of the name
             out = "\\".join(name.rstrip("=") for name in out.split("\\"))
         return str(out)
 
@@ -84,6 +93,13 @@ class HeaderReader:
 
     def number(self, keyword: str) -> float | None:
         """First value as float; None when absent or not a number."""
+        binary = self._raw(keyword)
+        if binary is not None and binary[0] in _BINARY:
+            layout = _BINARY[binary[0]]
+            if len(binary[1]) < layout.size:
+                return None
+            value = float(layout.unpack_from(binary[1])[0])
+            return value if math.isfinite(value) else None
         raw = self.text(keyword)
         if raw is None:
             return None
@@ -109,6 +125,16 @@ class HeaderReader:
 _FREE_TEXT = frozenset({"StudyDescription", "SeriesDescription", "ProtocolName"})
 _TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH",
                        "ST", "TM", "UC", "UI", "UR", "UT"})
+
+
+_BINARY = {"US": struct.Struct("<H"), "SS": struct.Struct("<h"), "UL": struct.Struct("<I"),
+           "SL": struct.Struct("<i"), "FL": struct.Struct("<f"), "FD": struct.Struct("<d")}
+
+
+@functools.cache
+def _tag_vr(keyword: str) -> tuple[BaseTag, str]:
+    tag = _tag(keyword)
+    return BaseTag(tag), dictionary_VR(tag)
 
 
 @functools.cache

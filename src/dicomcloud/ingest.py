@@ -305,10 +305,15 @@ class Ingestor:
 
     def store_bytes(self, data: bytes, origin: Origin, *,
                     expect_sop_uid: str | None = None) -> StoredObject:
-        """Validate and durably store one Part 10 file held in memory (blocking).
+        """Validate and durably store one Part 10 file held in memory (blocking)."""
+        staged, ds = self._stage(data, expect_sop_uid)
+        return self.commit(staged, ds, origin)
 
-        The file is written and flushed to disk (fsync, in a helper thread) while the header
-        is parsed: the two overlap, which shortens every C-STORE round trip.
+    def _stage(self, data: bytes, expect_sop_uid: str | None) -> tuple[StagedFile, Dataset]:
+        """Write ``data`` to staging and validate it; refused data is discarded.
+
+        The file is flushed to disk (fsync, in a helper thread) while the header is parsed:
+        the two overlap, which shortens every C-STORE round trip.
         """
         staged = self.storage.stage()
         try:
@@ -324,7 +329,26 @@ class Ingestor:
         except BaseException:
             self.storage.discard(staged)
             raise
-        return self.commit(staged, ds, origin)
+        return staged, ds
+
+    def store_and_announce(self, data: bytes, origin: Origin, expect_sop_uid: str,
+                           loop: asyncio.AbstractEventLoop, timeout: float) -> StoredObject:
+        """``store_bytes`` then ``announce_from_thread`` (the DIMSE path), blocking.
+
+        The directory fsync that makes the rename durable runs while the storage event is
+        published: success is still answered only after both are done (a crash in between
+        leaves an event whose sender was never told success, and who sends again).
+        """
+        staged, ds = self._stage(data, expect_sop_uid)
+        key = _key(ds, origin)
+        size = self.storage.commit_many([(staged, key)], sync_directories=False)[0]
+        syncing = _SYNC_POOL.submit(self.storage.sync_directories, [key])
+        try:
+            stored = stored_object(ds, key, size, origin, self.node_id)
+            self.announce_from_thread([stored], loop, timeout)
+        finally:
+            syncing.result()
+        return stored
 
     def check(self, staged: StagedFile) -> Dataset:
         """Validate a staged file; on refusal it is discarded and the error raised."""
@@ -358,9 +382,7 @@ class Ingestor:
     def commit_many(self, items: list[tuple[StagedFile, Dataset]],
                     origin: Origin) -> list[StoredObject]:
         """``commit`` for several files (STOW-RS): directories are synced once each."""
-        keys = [InstanceKey(origin.tenant_id, str(ds.StudyInstanceUID),
-                            str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
-                for _, ds in items]
+        keys = [_key(ds, origin) for _, ds in items]
         sizes = self.storage.commit_many([(s, k) for (s, _), k in zip(items, keys, strict=True)])
         return [stored_object(ds, key, size, origin, self.node_id)
                 for (_, ds), key, size in zip(items, keys, sizes, strict=True)]
@@ -385,6 +407,11 @@ class Ingestor:
             blocking(_messages(events), timeout)
         else:
             asyncio.run_coroutine_threadsafe(self.announce(events), loop).result(timeout)
+
+
+def _key(ds: Dataset, origin: Origin) -> InstanceKey:
+    return InstanceKey(origin.tenant_id, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                       str(ds.SOPInstanceUID))
 
 
 def _messages(events: list[StoredObject]) -> list[Outgoing]:
