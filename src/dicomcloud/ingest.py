@@ -331,25 +331,6 @@ class Ingestor:
             raise
         return staged, ds
 
-    def store_and_announce(self, data: bytes, origin: Origin, expect_sop_uid: str,
-                           loop: asyncio.AbstractEventLoop, timeout: float) -> StoredObject:
-        """``store_bytes`` then ``announce_from_thread`` (the DIMSE path), blocking.
-
-        The directory fsync that makes the rename durable runs while the storage event is
-        published: success is still answered only after both are done (a crash in between
-        leaves an event whose sender was never told success, and who sends again).
-        """
-        staged, ds = self._stage(data, expect_sop_uid)
-        key = _key(ds, origin)
-        size = self.storage.commit_many([(staged, key)], sync_directories=False)[0]
-        syncing = _SYNC_POOL.submit(self.storage.sync_directories, [key])
-        try:
-            stored = stored_object(ds, key, size, origin, self.node_id)
-            self.announce_from_thread([stored], loop, timeout)
-        finally:
-            syncing.result()
-        return stored
-
     def check(self, staged: StagedFile) -> Dataset:
         """Validate a staged file; on refusal it is discarded and the error raised."""
         try:

@@ -109,16 +109,8 @@ class Storage(AbstractAsyncContextManager["Storage"], Protocol):
         Replaces an existing instance with the same key. Returns the file size.
         """
 
-    def commit_many(self, items: Sequence[tuple[StagedFile, InstanceKey]], *,
-                    sync_directories: bool = True) -> list[int]:
-        """``commit`` for several files at once (one directory sync per directory).
-
-        ``sync_directories=False`` leaves the renames to be made durable by a later
-        ``sync_directories`` call (so that it can overlap other work).
-        """
-
-    def sync_directories(self, keys: Sequence[InstanceKey]) -> None:
-        """Make the renames of committed ``keys`` durable (fsync of their directories)."""
+    def commit_many(self, items: Sequence[tuple[StagedFile, InstanceKey]]) -> list[int]:
+        """``commit`` for several files at once (one directory sync per directory)."""
 
     def discard(self, staged: StagedFile) -> None:
         """Delete a staged file that will not be committed."""

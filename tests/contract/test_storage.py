@@ -54,30 +54,6 @@ async def test_stage_commit_open_round_trip(storage: Storage) -> None:
     assert staging == []
 
 
-async def test_commit_with_directory_sync_deferred_then_synced(
-        storage: Storage, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dicomcloud.backends import filestorage
-
-    synced: list[Path] = []
-    real = filestorage._fsync_dir
-    monkeypatch.setattr(filestorage, "_fsync_dir", lambda d: (synced.append(d), real(d)))
-    first = instance_key()
-    keys = [InstanceKey(TENANT, first.study_uid, first.series_uid, new_uid()) for _ in "ab"]
-    storage.commit(storage.stage(), first)  # the series directory exists from now on
-    synced.clear()
-    staged = [storage.stage() for _ in keys]
-    for file, key in zip(staged, keys, strict=True):
-        file.write(key.sop_uid.encode())
-    sizes = storage.commit_many(list(zip(staged, keys, strict=True)), sync_directories=False)
-    assert sizes == [len(k.sop_uid) for k in keys]
-    assert synced == []  # the renames are visible at once ...
-    for key in keys:
-        with storage.open(key.relative_path) as fh:
-            assert fh.read() == key.sop_uid.encode()
-    storage.sync_directories(keys)  # ... and made durable here, each directory once
-    assert synced == [root_of(storage) / Path(keys[0].relative_path).parent]
-
-
 async def test_staged_file_is_invisible_until_committed(storage: Storage) -> None:
     key = instance_key()
     staged = storage.stage()

@@ -134,10 +134,8 @@ class FileStorage:
     def commit(self, staged: FileStaged, key: InstanceKey) -> int:
         return self.commit_many([(staged, key)])[0]
 
-    def commit_many(self, items: Sequence[tuple[FileStaged, InstanceKey]], *,
-                    sync_directories: bool = True) -> list[int]:
-        """Commit several staged files; each directory is fsynced once for all of them
-        (later, by ``sync_directories``, when ``sync_directories`` is False)."""
+    def commit_many(self, items: Sequence[tuple[FileStaged, InstanceKey]]) -> list[int]:
+        """Commit several staged files; each directory is fsynced once for all of them."""
         try:
             targets = [self._instance_path(key) for _, key in items]
         except BadRequest:  # refused: leave nothing behind, not even the staged files
@@ -154,7 +152,7 @@ class FileStorage:
                     self._known_dirs.discard(target.parent)
                     self._ensure_dir(target.parent)
                     os.replace(staged.path, target)
-            if self.fsync and sync_directories:
+            if self.fsync:
                 for directory in dict.fromkeys(t.parent for t in targets):
                     _fsync_dir(directory)
         except OSError as exc:
@@ -162,15 +160,6 @@ class FileStorage:
                 self.discard(staged)
             raise BackendError(f"cannot store {len(items)} instance(s): {exc}") from exc
         return [staged.size for staged, _ in items]
-
-    def sync_directories(self, keys: Sequence[InstanceKey]) -> None:
-        if not self.fsync:
-            return
-        try:
-            for directory in dict.fromkeys(self._instance_path(k).parent for k in keys):
-                _fsync_dir(directory)
-        except OSError as exc:
-            raise BackendError(f"cannot flush {len(keys)} directory entries: {exc}") from exc
 
     def discard(self, staged: FileStaged) -> None:
         try:

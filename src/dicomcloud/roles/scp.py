@@ -139,8 +139,9 @@ class StoreService:
         started = time.perf_counter()
         try:
             meta = file_meta_bytes(transfer_syntax, sop_class, sop_uid, origin.source_ae)
-            stored = self.runtime.ingestor.store_and_announce(
-                b"".join([meta, *data]), origin, sop_uid, self.loop, _ANNOUNCE_TIMEOUT)
+            stored = self.runtime.ingestor.store_bytes(b"".join([meta, *data]), origin,
+                                                       expect_sop_uid=sop_uid)
+            self.runtime.ingestor.announce_from_thread([stored], self.loop, _ANNOUNCE_TIMEOUT)
         except InvalidInstance as exc:
             log.warning("C-STORE from %s refused (0x%04X) %s: %s", origin.source_ae,
                         exc.dimse_status, sop_uid[:64], exc.message)
