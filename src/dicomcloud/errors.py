@@ -9,6 +9,7 @@ Annex C) it maps to, so the web and scp roles translate errors in one place each
     ├── NotFound                         404  0xC000   no such study/series/instance
     ├── BadRequest                       400  0xC000   malformed query parameter or body
     │   ├── PayloadTooLarge              413  0xA700   request body over web.max_upload_bytes
+    │   ├── NotAcceptable                406  0xC000   no acceptable media type (WADO Accept)
     │   └── UnsupportedMediaType         415  0xC000   STOW Content-Type we cannot take
     └── InvalidInstance                  409  0xC000   a DICOM object refused at ingest
         ├── CannotUnderstand             409  0xC000   not parseable, truncated (PS3.4 B.2.3)
@@ -62,6 +63,13 @@ class PayloadTooLarge(BadRequest):
 
     http_status = 413
     dimse_status = 0xA700
+
+
+class NotAcceptable(BadRequest):
+    """None of the media types or transfer syntaxes in Accept can be produced (406,
+    PS3.18 8.7.3)."""
+
+    http_status = 406
 
 
 class UnsupportedMediaType(BadRequest):

@@ -155,6 +155,11 @@ class Index(AbstractAsyncContextManager["Index"], Protocol):
     async def previous_path(self, tenant_id: str, sop_uid: str) -> str | None:
         """File path currently indexed for a SOP Instance UID."""
 
+    async def metadata_current(self, tenant_id: str, study_uid: str,
+                               series_uid: str | None = None) -> bool:
+        """True when the pre-generated metadata of the series (or of every series of the
+        study) is done and nothing changed since; False when pending, failed or unknown."""
+
     async def due_series(self, flagged_before: dt.datetime, max_retries: int,
                          limit: int) -> list[JsonTask]:
         """Series whose metadata is pending (or failed, under ``max_retries``) and quiet."""

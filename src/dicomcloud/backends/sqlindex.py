@@ -195,6 +195,18 @@ class SqlIndex:
         async with self.engine.connect() as conn:
             return (await conn.execute(stmt)).scalar_one_or_none()
 
+    async def metadata_current(self, tenant_id: str, study_uid: str,
+                               series_uid: str | None = None) -> bool:
+        j = json_meta.c
+        where = [j.tenant_id == tenant_id, j.study_uid == study_uid]
+        if series_uid is not None:
+            where.append(j.series_uid == series_uid)
+        stmt = sa.select(sa.func.count(), sa.func.sum(
+            sa.case((j.json_status == 1, 0), else_=1))).where(*where)
+        async with self.engine.connect() as conn:
+            total, pending = (await conn.execute(stmt)).one()
+        return bool(total) and not pending
+
     async def due_series(
         self, flagged_before: dt.datetime, max_retries: int, limit: int
     ) -> list[JsonTask]:

@@ -6,6 +6,9 @@ Routes under the configurable root (default ``/dicomweb``):
 - ``GET /studies``, ``/series``, ``/instances``, ``/studies/{study}/series``,
   ``/studies/{study}/instances``, ``/studies/{study}/series/{series}/instances``:
   QIDO-RS (PS3.18 10.6)
+- ``GET /studies/{study}[/series/{series}[/instances/{sop}]]``: WADO-RS retrieve, and the
+  same with ``/metadata``; ``.../instances/{sop}/frames/{list}`` and
+  ``.../instances/{sop}/bulkdata/{tag}`` (PS3.18 10.4; see ``wado.py``)
 
 and, outside the root, ``GET /healthz`` (the process serves) and ``GET /readyz`` (its
 backends answer). Every ``DicomCloudError`` becomes its HTTP status with a JSON message;
@@ -18,19 +21,33 @@ import asyncio
 import dataclasses
 import hashlib
 import logging
+import re
 import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
+import pydicom
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
+from pydicom.uid import ExplicitVRLittleEndian
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 
-from dicomcloud.errors import BackendError, BadRequest, DicomCloudError, PayloadTooLarge
+from dicomcloud import wado
+from dicomcloud.dicomjson import instance_json
+from dicomcloud.errors import (
+    BackendError,
+    BadRequest,
+    DicomCloudError,
+    NotAcceptable,
+    NotFound,
+    PayloadTooLarge,
+)
 from dicomcloud.ingest import Origin
+from dicomcloud.model import InstanceRow
 from dicomcloud.qido import to_json
 from dicomcloud.query import Level, Query, parse_qido
 from dicomcloud.runtime import Runtime
@@ -41,6 +58,7 @@ log = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
 _FEED_BYTES = 1 << 20  # hand the parser at least this much per thread hop
 _QIDO_TTL = 60.0
+_CHUNK = 256 * 1024  # WADO-RS: bytes read per thread hop while streaming a file
 
 
 def _error(status: int, message: str) -> Response:
@@ -134,6 +152,214 @@ class DicomWeb:
         ).hexdigest()
         return f"qido:{tenant}:{generation}:{level}:{digest}"
 
+    # -- WADO-RS ------------------------------------------------------------------------
+    async def _rows(self, request: Request) -> list[InstanceRow]:
+        """Instances addressed by the path; 400 for a malformed UID, 404 for none."""
+        params = request.path_params
+        uids = [params.get(k) for k in ("study", "series", "sop")]
+        for uid in uids:
+            if uid is not None and not is_valid_uid(uid):
+                raise BadRequest(f"invalid UID in the path: {uid[:70]!r}")
+        study, series, sop = uids
+        assert study is not None
+        rows = await self.runtime.index.instances(self.tenant(request), study, series)
+        if sop is not None:
+            rows = [r for r in rows if r.sop_uid == sop]
+        if not rows:
+            raise NotFound("no such " + ("instance" if sop else "series" if series
+                                         else "study"))
+        return rows
+
+    async def retrieve(self, request: Request) -> Response:
+        """WADO-RS retrieve of a study, series or instance (PS3.18 10.4.1.1.1)."""
+        single = "sop" in request.path_params
+        choice = wado.choose_dicom(wado.parse_accept(request.headers.get("accept")),
+                                   single_allowed=single)
+        rows = await self._rows(request)
+        storage = self.runtime.storage
+        if not choice.multipart:
+            data = await asyncio.to_thread(self._instance_bytes, rows[0], choice)
+            syntax = rows[0].transfer_syntax_uid if choice.transfer_syntax == wado.ANY \
+                else choice.transfer_syntax
+            return Response(data, media_type=f"application/dicom; transfer-syntax={syntax}")
+        boundary = wado.new_boundary()
+
+        async def parts() -> AsyncIterator[bytes]:
+            for row in rows:
+                as_stored = choice.transfer_syntax in (wado.ANY, row.transfer_syntax_uid)
+                syntax = row.transfer_syntax_uid if as_stored else choice.transfer_syntax
+                head = wado.part_head(boundary, f"application/dicom; transfer-syntax={syntax}")
+                try:
+                    if as_stored:
+                        fh = await asyncio.to_thread(storage.open, row.file_path)
+                        try:
+                            yield head
+                            while chunk := await asyncio.to_thread(fh.read, _CHUNK):
+                                yield chunk
+                        finally:
+                            fh.close()
+                    else:
+                        data = await asyncio.to_thread(self._instance_bytes, row, choice)
+                        yield head
+                        yield data
+                except FileNotFoundError:
+                    log.error("WADO: %s is indexed but missing on disk", row.file_path)
+                    continue
+                yield b"\r\n"
+            yield f"--{boundary}--\r\n".encode()
+
+        return StreamingResponse(parts(), media_type=wado.multipart_type(
+            boundary, "application/dicom", choice.transfer_syntax))
+
+    def _instance_bytes(self, row: InstanceRow, choice: wado.Choice) -> bytes:
+        try:
+            with self.runtime.storage.open(row.file_path) as fh:
+                data = fh.read()
+        except FileNotFoundError:
+            raise NotFound("the instance's file is missing; the archive logged it") from None
+        if choice.transfer_syntax in (wado.ANY, row.transfer_syntax_uid):
+            return data
+        return wado.transcode(data, choice.transfer_syntax)
+
+    async def metadata(self, request: Request) -> Response:
+        """WADO-RS metadata (PS3.18 10.4.1.1.2): pre-generated when current, else live."""
+        if not any(wado._matches(r.mime, DICOM_JSON) or r.mime == "application/json"
+                   for r in wado.parse_accept(request.headers.get("accept"))):
+            raise NotAcceptable("metadata is served as application/dicom+json")
+        rows = await self._rows(request)
+        tenant, params = self.tenant(request), request.path_params
+        body = None
+        if "sop" not in params:
+            study, series = params["study"], params.get("series")
+            if await self.runtime.index.metadata_current(tenant, study, series):
+                path = f"{tenant}/{study}/{series}.json" if series else f"{tenant}/{study}.json"
+                body = await asyncio.to_thread(self.runtime.storage.read_metadata, path)
+        if body is None:
+            body = await asyncio.to_thread(self._live_metadata, rows)
+        base = self.base_url(request).encode()
+        body = body.replace(b'"BulkDataURI":"studies/', b'"BulkDataURI":"' + base + b"/studies/")
+        tag = wado.etag(body)
+        headers = {"ETag": tag, "Cache-Control": "no-cache", "Vary": "Accept-Encoding"}
+        if tag in request.headers.get("if-none-match", ""):
+            return Response(status_code=304, headers=headers)
+        data, encoding = await asyncio.to_thread(
+            wado.compressed, body, request.headers.get("accept-encoding"))
+        if encoding:
+            headers["Content-Encoding"] = encoding
+        return Response(data, media_type=DICOM_JSON, headers=headers)
+
+    def _live_metadata(self, rows: list[InstanceRow]) -> bytes:
+        docs = []
+        for row in rows:
+            try:
+                with self.runtime.storage.open(row.file_path) as fh:
+                    docs.append(instance_json(fh))
+            except FileNotFoundError:
+                log.error("WADO: %s is indexed but missing on disk", row.file_path)
+        return orjson.dumps(docs)
+
+    async def frames(self, request: Request) -> Response:
+        """WADO-RS frames (PS3.18 10.4.1.1.3), cut from the file by offset or fragment."""
+        numbers = wado.parse_frame_list(request.path_params["frames"])
+        ranges = wado.parse_accept(request.headers.get("accept"))
+        row = (await self._rows(request))[0]
+        mode, syntax = _frame_mode(ranges, row.transfer_syntax_uid)
+        parts = await asyncio.to_thread(self._frames, row, numbers, mode, syntax)
+        boundary = wado.new_boundary()
+        body = b"".join(wado.part_head(boundary, content_type) + data + b"\r\n"
+                        for content_type, data in parts) + f"--{boundary}--\r\n".encode()
+        inner = parts[0][0].split(";")[0]
+        return Response(body, media_type=wado.multipart_type(boundary, inner, syntax))
+
+    def _frames(self, row: InstanceRow, numbers: list[int], mode: str,
+                syntax: str) -> list[tuple[str, bytes]]:
+        try:
+            fh = self.runtime.storage.open(row.file_path)
+        except FileNotFoundError:
+            raise NotFound("the instance's file is missing; the archive logged it") from None
+        with fh:
+            ds, at = wado.read_file_header(fh)
+            layout = wado.pixel_layout(fh, ds, at)
+            if layout is None:
+                raise NotFound("the instance has no pixel data")
+            stored = layout.syntax
+            if mode == "stored" or (not layout.encapsulated and
+                                    stored != "1.2.840.10008.1.2.2"):
+                pieces = wado.frame_ranges(fh, layout, numbers)
+                if layout.encapsulated:
+                    kind = wado.FRAME_MEDIA_TYPES.get(stored, "application/octet-stream")
+                    content_type = f"{kind}; transfer-syntax={stored}"
+                else:
+                    label = stored if mode == "stored" else syntax
+                    content_type = f"application/octet-stream; transfer-syntax={label}"
+                out = []
+                for frame in pieces:
+                    data = b""
+                    for offset, length in frame:
+                        fh.seek(offset)
+                        data += fh.read(length)
+                    out.append((content_type, data))
+                return out
+            for n in numbers:
+                if not 1 <= n <= layout.frames:
+                    raise NotFound(f"frame {n} does not exist: the instance has "
+                                   f"{layout.frames}")
+            fh.seek(0)
+            data = fh.read()
+        content_type = f"application/octet-stream; transfer-syntax={syntax}"
+        return [(content_type, wado.decode_frame(data, n)) for n in numbers]
+
+    async def bulkdata(self, request: Request) -> Response:
+        """WADO-RS bulk data (PS3.18 10.4.1.1.4) of the BulkDataURIs in our metadata."""
+        text = request.path_params["tag"]
+        if not re.fullmatch(r"[0-9A-Fa-f]{8}", text):
+            raise BadRequest(f"bulk data tag {text[:20]!r}: expected 8 hexadecimal digits")
+        tag = int(text, 16)
+        ranges = wado.parse_accept(request.headers.get("accept"))
+        single = any(r.mime == "application/octet-stream" for r in ranges[:1])
+        if not single and not any(r.mime in ("*/*", "multipart/*") or (
+                r.mime == "multipart/related" and (
+                    r.inner in (None, "application/octet-stream") or r.inner_any))
+                for r in ranges):
+            raise NotAcceptable('bulk data is served as multipart/related; '
+                                'type="application/octet-stream" or application/octet-stream')
+        row = (await self._rows(request))[0]
+        data = await asyncio.to_thread(self._bulk, row, tag)
+        if single:
+            return _ranged(data, request.headers.get("range"))
+        boundary = wado.new_boundary()
+        body = (wado.part_head(boundary, "application/octet-stream") + data
+                + f"\r\n--{boundary}--\r\n".encode())
+        return Response(body, media_type=wado.multipart_type(
+            boundary, "application/octet-stream"))
+
+    def _bulk(self, row: InstanceRow, tag: int) -> bytes:
+        try:
+            fh = self.runtime.storage.open(row.file_path)
+        except FileNotFoundError:
+            raise NotFound("the instance's file is missing; the archive logged it") from None
+        with fh:
+            ds, at = wado.read_file_header(fh)
+            if tag in (0x7FE00010, 0x7FE00008, 0x7FE00009):
+                layout = wado.pixel_layout(fh, ds, at)
+                if layout is None:
+                    raise NotFound("the instance has no pixel data")
+                if layout.encapsulated:
+                    _, found = wado.fragments(fh, layout)
+                    out = b""
+                    for offset, length in found:
+                        fh.seek(offset)
+                        out += fh.read(length)
+                    return out
+                fh.seek(layout.value_start)
+                return fh.read(layout.length)
+            fh.seek(0)
+            full = pydicom.dcmread(fh, stop_before_pixels=True)
+        for element in full.iterall():
+            if int(element.tag) == tag and isinstance(element.value, bytes):
+                return element.value
+        raise NotFound(f"the instance has no bulk data element {tag:08X}")
+
     # -- health -------------------------------------------------------------------------
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -147,6 +373,49 @@ class DicomWeb:
         if reasons := self.runtime.not_ready():
             return _error(503, "not ready: " + "; ".join(reasons))
         return JSONResponse({"status": "ready", "roles": list(self.settings.roles)})
+
+
+def _frame_mode(ranges: list[wado.MediaRange], stored: str) -> tuple[str, str]:
+    """How to send frames (PS3.18 8.7.3, Table 8.7.3-3/-4): ``stored`` (as in the file)
+    or ``native`` (uncompressed little endian), and the transfer syntax to label them."""
+    stored_type = wado.FRAME_MEDIA_TYPES.get(stored)
+    for r in ranges:
+        syntax = r.transfer_syntax
+        if r.mime == "multipart/related" and r.inner_any and syntax in (None, wado.ANY):
+            return "stored", stored  # any part type: the frames as they are stored
+        if r.mime in ("*/*", "multipart/*") or (
+                r.mime == "multipart/related" and r.inner in (None, "application/octet-stream")):
+            if syntax == wado.ANY:
+                return "stored", stored
+            if syntax in (None, ExplicitVRLittleEndian):
+                return "native", ExplicitVRLittleEndian
+        elif r.mime == "multipart/related" and stored_type and r.inner and \
+                wado._matches(r.inner, stored_type) and syntax in (None, wado.ANY, stored):
+            return "stored", stored
+    raise NotAcceptable('frames are served as multipart/related; type="application/'
+                        'octet-stream" (uncompressed) or in their stored compressed type '
+                        "with transfer-syntax=*")
+
+
+def _ranged(data: bytes, header: str | None) -> Response:
+    """A single-part bulk data response honouring one ``Range: bytes=a-b`` (RFC 9110 14)."""
+    if not header:
+        return Response(data, media_type="application/octet-stream",
+                        headers={"Accept-Ranges": "bytes"})
+    match = re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", header)
+    if not match or match.groups() == ("", ""):
+        raise BadRequest(f"Range {header[:60]!r}: only one bytes=first-last range is served")
+    first, last = match.groups()
+    size = len(data)
+    if first == "":
+        start, end = max(size - int(last), 0), size - 1
+    else:
+        start, end = int(first), min(int(last), size - 1) if last else size - 1
+    if start >= size or start > end:
+        return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
+    return Response(data[start:end + 1], status_code=206, media_type="application/octet-stream",
+                    headers={"Content-Range": f"bytes {start}-{end}/{size}",
+                             "Accept-Ranges": "bytes"})
 
 
 def create_app(runtime: Runtime) -> Starlette:
@@ -167,6 +436,18 @@ def create_app(runtime: Runtime) -> Starlette:
         Route("/studies/{study}/series", level("series"), methods=["GET"]),
         Route("/studies/{study}/instances", level("instance"), methods=["GET"]),
         Route("/studies/{study}/series/{series}/instances", level("instance"),
+              methods=["GET"]),
+        Route("/studies/{study}", web.retrieve, methods=["GET"]),
+        Route("/studies/{study}/metadata", web.metadata, methods=["GET"]),
+        Route("/studies/{study}/series/{series}", web.retrieve, methods=["GET"]),
+        Route("/studies/{study}/series/{series}/metadata", web.metadata, methods=["GET"]),
+        Route("/studies/{study}/series/{series}/instances/{sop}", web.retrieve,
+              methods=["GET"]),
+        Route("/studies/{study}/series/{series}/instances/{sop}/metadata", web.metadata,
+              methods=["GET"]),
+        Route("/studies/{study}/series/{series}/instances/{sop}/frames/{frames}", web.frames,
+              methods=["GET"]),
+        Route("/studies/{study}/series/{series}/instances/{sop}/bulkdata/{tag}", web.bulkdata,
               methods=["GET"]),
     ]
     routes = [

@@ -1,0 +1,362 @@
+"""WADO-RS (PS3.18 10.4): retrieve instances, metadata, frames and bulk data.
+
+- Instances of a study, series or one instance: ``multipart/related;
+  type="application/dicom"`` (PS3.18 10.4.1.1.1), streamed file by file, never a whole
+  study in memory.
+- Metadata of a study, series or instance (PS3.18 10.4.1.1.2): the worker's pre-generated
+  documents when they are current, else built from the files; ``ETag`` with
+  ``If-None-Match`` (304) and gzip by ``Accept-Encoding``.
+- Frames (PS3.18 10.4.1.1.3): read from the file by offset (native pixel data) or by
+  fragment (encapsulated), never by decoding the whole data set.
+- Bulk data (PS3.18 10.4.1.1.4): the values our BulkDataURIs point at, with ``Range``.
+
+Transfer syntax negotiation follows PS3.18 8.7.3: ``transfer-syntax=*`` sends what is
+stored; no parameter means the default of the media type (Explicit VR Little Endian for
+``application/dicom`` and ``application/octet-stream``, Table 8.7.3-2/-3); another syntax
+is produced by transcoding with pydicom when it is uncompressed (decoding a compressed
+original if need be). Media ranges are tried in order of their q-values; 406 when none
+can be produced.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import re
+import struct
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import orjson
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from dicomcloud.dicomjson import instance_json
+from dicomcloud.errors import BadRequest, NotAcceptable, NotFound
+from dicomcloud.header import read_header
+
+ANY = "*"
+_HEAD_BYTES = 64 * 1024
+_CHUNK = 256 * 1024
+_PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
+_ITEM, _SEQ_END = 0xFFFEE000, 0xFFFEE0DD
+_UNCOMPRESSED = {ImplicitVRLittleEndian, ExplicitVRLittleEndian}
+
+#: Media type of a frame stored in each compressed transfer syntax (PS3.18 Table 8.7.3-4).
+FRAME_MEDIA_TYPES = {
+    "1.2.840.10008.1.2.4.50": "image/jpeg", "1.2.840.10008.1.2.4.51": "image/jpeg",
+    "1.2.840.10008.1.2.4.57": "image/jpeg", "1.2.840.10008.1.2.4.70": "image/jpeg",
+    "1.2.840.10008.1.2.4.80": "image/jls", "1.2.840.10008.1.2.4.81": "image/jls",
+    "1.2.840.10008.1.2.4.90": "image/jp2", "1.2.840.10008.1.2.4.91": "image/jp2",
+    "1.2.840.10008.1.2.4.201": "image/jphc", "1.2.840.10008.1.2.4.202": "image/jphc",
+    "1.2.840.10008.1.2.4.203": "image/jphc", "1.2.840.10008.1.2.5": "image/x-dicom-rle",
+}
+
+
+# -- Accept ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MediaRange:
+    """One media range of an Accept header (RFC 9110 12.5.1) with its parameters."""
+
+    mime: str
+    params: dict[str, str] = field(default_factory=dict)
+    q: float = 1.0
+
+    @property
+    def inner(self) -> str | None:
+        """The ``type`` parameter of a multipart range, lower case; None when absent."""
+        value = self.params.get("type")
+        return value.lower() if value else None
+
+    @property
+    def inner_any(self) -> bool:
+        """``multipart/related; type="*/*"``: any part type (dicomweb-client's default)."""
+        return self.inner in ("*/*", "*")
+
+    @property
+    def transfer_syntax(self) -> str | None:
+        return self.params.get("transfer-syntax")
+
+
+_SPLIT = re.compile(r',(?=(?:[^"]*"[^"]*")*[^"]*$)')
+_PARAM = re.compile(r';(?=(?:[^"]*"[^"]*")*[^"]*$)')
+
+
+def parse_accept(value: str | None) -> list[MediaRange]:
+    """Media ranges of ``Accept``, best first (stable for equal q); ``*/*`` when absent."""
+    if value is None or not value.strip():
+        return [MediaRange("*/*")]
+    ranges = []
+    for part in _SPLIT.split(value):
+        if not part.strip():
+            continue
+        pieces = _PARAM.split(part)
+        mime = pieces[0].strip().lower()
+        if mime.count("/") != 1 or " " in mime:
+            raise BadRequest(f"Accept: {part.strip()[:80]!r} is not a media range")
+        params: dict[str, str] = {}
+        for piece in pieces[1:]:
+            name, _, raw = piece.partition("=")
+            params[name.strip().lower()] = raw.strip().strip('"')
+        try:
+            q = float(params.pop("q", "1"))
+        except ValueError:
+            raise BadRequest(f"Accept: bad q-value in {part.strip()[:80]!r}") from None
+        if not 0 <= q <= 1:
+            raise BadRequest(f"Accept: q-value out of range in {part.strip()[:80]!r}")
+        ranges.append(MediaRange(mime, params, q))
+    return sorted((r for r in ranges if r.q > 0), key=lambda r: -r.q)
+
+
+def _matches(pattern: str, mime: str) -> bool:
+    kind, _, sub = pattern.partition("/")
+    return pattern == "*/*" or pattern == mime or (sub == "*" and mime.startswith(kind + "/"))
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What to send: multipart or a single part, and the transfer syntax (``*``: stored)."""
+
+    multipart: bool
+    transfer_syntax: str
+    media_type: str
+
+
+def choose_dicom(ranges: list[MediaRange], *, single_allowed: bool) -> Choice:
+    """Negotiate a DICOM retrieve (PS3.18 8.7.3.3.2, Table 8.7.3-2)."""
+    for r in ranges:
+        syntax = r.transfer_syntax or ExplicitVRLittleEndian
+        if r.mime in ("*/*", "multipart/*") or (r.mime == "multipart/related" and (
+                r.inner in (None, "application/dicom") or r.inner_any)):
+            if _producible(syntax):
+                return Choice(True, syntax, "application/dicom")
+        elif r.mime == "application/dicom" and single_allowed and _producible(syntax):
+            return Choice(False, syntax, "application/dicom")
+    raise NotAcceptable(
+        'none of the accepted media types can be produced; ask for multipart/related; '
+        'type="application/dicom" with transfer-syntax=* (as stored) or an uncompressed '
+        "syntax")
+
+
+def _producible(syntax: str) -> bool:
+    return syntax == ANY or syntax in _UNCOMPRESSED
+
+
+# -- files -----------------------------------------------------------------------------
+def read_file_header(fh: IO[bytes]) -> tuple[Dataset, int]:
+    """Header of an open Part 10 file and the offset of its pixel data (or end)."""
+    head = fh.read(_HEAD_BYTES)
+    fast = read_header(head, whole=len(head) < _HEAD_BYTES)
+    if fast is not None:
+        return fast
+    fh.seek(0)
+    ds = pydicom.dcmread(fh, stop_before_pixels=True)
+    return ds, fh.tell()
+
+
+def stored_syntax(ds: Dataset) -> str:
+    return str(ds.file_meta.get("TransferSyntaxUID", ImplicitVRLittleEndian))
+
+
+def transcode(data: bytes, target: str) -> bytes:
+    """A Part 10 file re-encoded in the uncompressed ``target`` syntax (decoding a
+    compressed original). Pixel values are unchanged: only their encoding differs."""
+    ds = pydicom.dcmread(io.BytesIO(data))
+    source = UID(stored_syntax(ds))
+    try:
+        if source.is_compressed:
+            ds.decompress(as_rgb=False)
+    except Exception as exc:
+        raise NotAcceptable(f"cannot decode {source.name} to send {UID(target).name}; "
+                            "ask for transfer-syntax=*") from exc
+    ds.file_meta.TransferSyntaxUID = UID(target)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True, implicit_vr=target == ImplicitVRLittleEndian,
+               little_endian=True)
+    return out.getvalue()
+
+
+def iter_file(fh: IO[bytes], start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    fh.seek(start)
+    remaining = None if end is None else end - start
+    while remaining is None or remaining > 0:
+        chunk = fh.read(_CHUNK if remaining is None else min(_CHUNK, remaining))
+        if not chunk:
+            return
+        if remaining is not None:
+            remaining -= len(chunk)
+        yield chunk
+
+
+# -- multipart -------------------------------------------------------------------------
+def new_boundary() -> str:
+    return f"dicomcloud-{uuid.uuid4().hex}"
+
+
+def part_head(boundary: str, content_type: str, extra: str = "") -> bytes:
+    return (f"--{boundary}\r\nContent-Type: {content_type}\r\n{extra}\r\n").encode()
+
+
+def multipart_type(boundary: str, inner: str, syntax: str | None = None) -> str:
+    value = f'multipart/related; type="{inner}"; boundary={boundary}'
+    return value + (f"; transfer-syntax={syntax}" if syntax and syntax != ANY else "")
+
+
+# -- pixel data ------------------------------------------------------------------------
+@dataclass
+class PixelLayout:
+    """Where the pixel data of a file lies."""
+
+    syntax: str
+    frames: int
+    value_start: int  # first byte of the value (native) or of the first item (encapsulated)
+    length: int  # value length, 0xFFFFFFFF when encapsulated
+    frame_size: int | None  # bytes per native frame (None when not byte aligned)
+
+    @property
+    def encapsulated(self) -> bool:
+        return self.length == 0xFFFFFFFF
+
+
+def pixel_layout(fh: IO[bytes], ds: Dataset, at: int) -> PixelLayout | None:
+    """The pixel data element at ``at`` (the header's end), None without pixel data."""
+    syntax = stored_syntax(ds)
+    fh.seek(at)
+    head = fh.read(12)
+    if len(head) < 8:
+        return None
+    big = syntax == "1.2.840.10008.1.2.2"
+    endian = ">" if big else "<"
+    group, element = struct.unpack(endian + "HH", head[:4])
+    if (group << 16 | element) not in _PIXEL_TAGS:
+        return None
+    if syntax == ImplicitVRLittleEndian:
+        length, start = struct.unpack("<I", head[4:8])[0], at + 8
+    else:
+        length, start = struct.unpack(endian + "I", head[8:12])[0], at + 12
+    try:
+        frames = max(int(ds.get("NumberOfFrames") or 1), 1)
+        bits = int(ds.BitsAllocated)
+        values = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1)
+        frame_size = values * bits // 8 if bits % 8 == 0 else None
+        if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422" and \
+                frame_size:
+            frame_size = frame_size // 3 * 2
+    except (AttributeError, TypeError, ValueError):
+        frames, frame_size = 1, None
+    return PixelLayout(syntax, frames, start, length, frame_size)
+
+
+def fragments(fh: IO[bytes], layout: PixelLayout) -> tuple[list[int], list[tuple[int, int]]]:
+    """Basic Offset Table and (offset, length) of each fragment (PS3.5 A.4), headers only."""
+    position = layout.value_start
+    table: list[int] = []
+    found: list[tuple[int, int]] = []
+    first = True
+    while True:
+        fh.seek(position)
+        head = fh.read(8)
+        if len(head) < 8:
+            raise NotFound("encapsulated pixel data has no end")
+        group, element, length = struct.unpack("<HHI", head)
+        tag = group << 16 | element
+        if tag == _SEQ_END:
+            return table, found
+        if tag != _ITEM:
+            raise NotFound("corrupt encapsulated pixel data")
+        if first:
+            table = list(struct.unpack(f"<{length // 4}I", fh.read(length))) if length else []
+            first = False
+        else:
+            found.append((position + 8, length))
+        position += 8 + length
+
+
+def frame_ranges(fh: IO[bytes], layout: PixelLayout, numbers: list[int]) -> list[
+        list[tuple[int, int]]]:
+    """For each 1-based frame number, the (offset, length) pieces that make it up."""
+    for n in numbers:
+        if not 1 <= n <= layout.frames:
+            raise NotFound(f"frame {n} does not exist: the instance has {layout.frames}")
+    if not layout.encapsulated:
+        if layout.frame_size is None:
+            raise NotAcceptable("frames of bit-packed pixel data cannot be cut by offset")
+        return [[(layout.value_start + (n - 1) * layout.frame_size, layout.frame_size)]
+                for n in numbers]
+    table, found = fragments(fh, layout)
+    if len(found) == layout.frames:
+        return [[found[n - 1]] for n in numbers]
+    if layout.frames == 1:
+        return [found]
+    if table and len(table) == layout.frames:
+        first_item = found[0][0] - 8 if found else 0
+        starts = [first_item + offset for offset in table] + [2**63]
+        return [[f for f in found if starts[n - 1] <= f[0] - 8 < starts[n]] for n in numbers]
+    raise NotAcceptable("fragments cannot be matched to frames (no Basic Offset Table)")
+
+
+def parse_frame_list(text: str) -> list[int]:
+    try:
+        numbers = [int(p) for p in text.split(",")]
+    except ValueError:
+        raise BadRequest(f"frame list {text[:60]!r}: expected numbers like 1,3,5") from None
+    if not numbers or any(n < 1 for n in numbers):
+        raise BadRequest("frame numbers start at 1")
+    return numbers
+
+
+def decode_frame(data: bytes, number: int) -> bytes:
+    """One frame of a compressed file decoded to native little endian pixel bytes."""
+    from pydicom.pixels.utils import pixel_array
+
+    try:
+        array = pixel_array(io.BytesIO(data), index=number - 1, raw=True)
+    except Exception as exc:
+        raise NotAcceptable("cannot decode this frame; ask for transfer-syntax=*") from exc
+    return bytes(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+
+
+# -- metadata --------------------------------------------------------------------------
+def etag(body: bytes) -> str:
+    return '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+
+
+def compressed(body: bytes, accept_encoding: str | None) -> tuple[bytes, str | None]:
+    """``body`` gzipped when the client accepts it (and it is worth it)."""
+    if len(body) > 1024 and accept_encoding and "gzip" in accept_encoding.lower():
+        return gzip.compress(body, compresslevel=4), "gzip"
+    return body, None
+
+
+def live_metadata(files: list[IO[bytes]]) -> list[dict[str, Any]]:
+    return [instance_json(fh) for fh in files]
+
+
+def resolve_bulk(document: Any, base: str) -> Any:
+    """Make the relative BulkDataURIs of a metadata document absolute (in place)."""
+    if isinstance(document, list):
+        for item in document:
+            resolve_bulk(item, base)
+    elif isinstance(document, dict):
+        for value in document.values():
+            if isinstance(value, dict):
+                uri = value.get("BulkDataURI")
+                if isinstance(uri, str) and not uri.startswith(("http://", "https://")):
+                    value["BulkDataURI"] = f"{base}/{uri}"
+                for item in value.get("Value", ()) if value.get("vr") == "SQ" else ():
+                    resolve_bulk(item, base)
+    return document
+
+
+def absolute_metadata(body: bytes, base: str) -> bytes:
+    """A stored metadata document with absolute BulkDataURIs for this request's base."""
+    return orjson.dumps(resolve_bulk(orjson.loads(body), base))
+
+
+async def aiter_bytes(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
