@@ -47,6 +47,10 @@ class ScpSettings:
     allowed_calling_aets: tuple[str, ...] = ()
     #: Called AE title -> tenant. The archive's own AE title maps to ``default_tenant``.
     ae_tenants: Mapping[str, str] = field(default_factory=dict)
+    #: C-MOVE destinations: AE title -> ``host:port`` (PS3.4 C.4.2: the SCP must know them).
+    move_destinations: Mapping[str, str] = field(default_factory=dict)
+    #: Most C-FIND matches returned to one query (the rest is dropped, with a warning log).
+    max_find_results: int = 10_000
     #: Largest P-DATA PDU we accept (bytes); larger means fewer round trips per image.
     max_pdu_size: int = 4_194_304
     acse_timeout: float = 30.0
@@ -254,7 +258,8 @@ def _coerce(name: str, annotation: Any, value: Any) -> Any:
         if kind == "float":
             return float(value)
         if kind.startswith("Mapping"):
-            return {str(k).upper() if name.endswith("ae_tenants") else str(k): str(v)
+            upper = name.endswith(("ae_tenants", "move_destinations"))  # AE titles
+            return {str(k).upper() if upper else str(k): str(v)
                     for k, v in dict(value).items()}
         return str(value)
     except (TypeError, ValueError) as exc:
@@ -271,6 +276,11 @@ def _check(settings: Settings) -> None:
     validate_tenant(settings.default_tenant)
     for tenant in settings.scp.ae_tenants.values():
         validate_tenant(tenant)
+    for title, address in settings.scp.move_destinations.items():
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"scp.move_destinations.{title} = {address!r}: expected "
+                              "host:port, e.g. 192.168.1.20:104")
     if not 0 < len(settings.scp.ae_title.strip()) <= 16:
         raise ConfigError("scp.ae_title must be 1-16 characters (PS3.5 AE value representation)")
     if not settings.web.root.startswith("/") or settings.web.root.endswith("/"):

@@ -57,9 +57,10 @@ class Runtime:
         try:
             self.storage = await self._open("storage", s.resolved_storage_url, fsync=s.fsync)
             self.queue = await self._open("queue", s.resolved_queue_url)
-            # A DIMSE listener process only stores and publishes: no index, no cache.
+            # The index (migrated here, before any role process starts) serves C-FIND too;
+            # a DIMSE listener process needs no cache.
+            self.index = await self._open("index", s.resolved_index_url)
             if set(s.roles) - {"scp"}:
-                self.index = await self._open("index", s.resolved_index_url)
                 self.cache = await self._open("cache", s.resolved_cache_url)
         except BaseException:
             await self._stack.aclose()

@@ -40,7 +40,8 @@ from dicomcloud.ingest import (
     Origin,
     file_meta_bytes,
 )
-from dicomcloud.roles import dul
+from dicomcloud.roles import dul, qr
+from dicomcloud.roles.qr import QueryRetrieve
 from dicomcloud.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -93,8 +94,9 @@ class StoreService:
         self.loop = loop
 
     def handlers(self) -> list[evt.EventHandlerType]:
+        retrieve = QueryRetrieve(self.runtime, self.loop, lambda e: self.origin(e).tenant_id)
         return [(evt.EVT_C_STORE, self.on_store), (evt.EVT_CONN_OPEN, self.on_open),
-                (evt.EVT_C_ECHO, self.on_echo)]
+                (evt.EVT_C_ECHO, self.on_echo), *retrieve.handlers()]
 
     @staticmethod
     def on_open(event: evt.Event) -> None:
@@ -158,7 +160,9 @@ class StoreService:
 
 
 def make_ae(runtime: Runtime) -> AE:
-    """The application entity: storage SOP classes with every transfer syntax, Verification."""
+    """The application entity: storage SOP classes with every transfer syntax (either role,
+    so that a C-GET requestor may take the SCP role, PS3.4 C.4.3.1), Verification, and
+    Query/Retrieve FIND, MOVE and GET of the Patient Root and Study Root models."""
     s = runtime.settings.scp
     ae = AE(ae_title=s.ae_title)
     ae.maximum_associations = s.max_associations
@@ -173,8 +177,11 @@ def make_ae(runtime: Runtime) -> AE:
     syntaxes = list(AllTransferSyntaxes)
     for context in AllStoragePresentationContexts:
         if context.abstract_syntax is not None:
-            ae.add_supported_context(context.abstract_syntax, syntaxes)
+            ae.add_supported_context(context.abstract_syntax, syntaxes, scu_role=True,
+                                     scp_role=True)
     ae.add_supported_context(_VERIFICATION, syntaxes)
+    for model in (*qr.FIND, *qr.MOVE, *qr.GET):
+        ae.add_supported_context(model, syntaxes)
     return ae
 
 

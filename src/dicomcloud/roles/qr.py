@@ -1,0 +1,225 @@
+"""Query/Retrieve SCP (PS3.4 Annex C): C-FIND, C-MOVE and C-GET for workstations.
+
+Patient Root and Study Root information models at PATIENT, STUDY, SERIES and IMAGE level.
+C-FIND uses the matching engine of QIDO-RS (``query.py``): single value, UID list,
+wildcard, date/time range and universal matching (PS3.4 C.2.2.2); keys the index cannot
+match on are returned empty rather than refused (PS3.4 C.2.2.1.3). C-MOVE sends to the
+destinations of ``scp.move_destinations``; C-GET sends back over the same association
+(the requestor negotiated the SCP role for the storage classes, PS3.4 C.4.3.1). Both report
+pending/completed/failed/warning counts and honour C-CANCEL (PS3.4 C.4.2.3).
+
+pynetdicom runs these handlers in its association thread; index queries run on the role's
+asyncio loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pydicom
+from pydicom.datadict import dictionary_VR
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import evt
+from pynetdicom.presentation import build_context
+
+from dicomcloud.errors import DicomCloudError
+from dicomcloud.model import InstanceRow
+from dicomcloud.qido import to_json
+from dicomcloud.query import ATTRIBUTES, Level, Query, parse_qido
+from dicomcloud.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+# Patient Root and Study Root Query/Retrieve Information Models (PS3.4 C.6.1, C.6.2)
+FIND = ("1.2.840.10008.5.1.4.1.2.1.1", "1.2.840.10008.5.1.4.1.2.2.1")
+MOVE = ("1.2.840.10008.5.1.4.1.2.1.2", "1.2.840.10008.5.1.4.1.2.2.2")
+GET = ("1.2.840.10008.5.1.4.1.2.1.3", "1.2.840.10008.5.1.4.1.2.2.3")
+_LEVELS: dict[str, Level] = {"PATIENT": "study", "STUDY": "study", "SERIES": "series",
+                             "IMAGE": "instance"}
+_PATIENT_KEYS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex")
+_SKIP = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle"}
+_PENDING, _CANCELLED = 0xFF00, 0xFE00
+_IDENTIFIER_MISMATCH = 0xA900  # Identifier does not match SOP Class (PS3.4 C.4.1.1.4)
+_UNABLE = 0xC000  # Unable to process
+_MOVE_UNKNOWN = 0xA801  # Refused: Move Destination unknown (PS3.4 C.4.2.1.5)
+_TIMEOUT = 120.0
+
+
+class QueryRetrieve:
+    """C-FIND, C-MOVE and C-GET handlers bound to one runtime."""
+
+    def __init__(self, runtime: Runtime, loop: asyncio.AbstractEventLoop,
+                 tenant_of: Any) -> None:
+        self.runtime = runtime
+        self.loop = loop
+        self.tenant_of = tenant_of  # event -> tenant (from the called AE title)
+
+    def handlers(self) -> list[evt.EventHandlerType]:
+        return [(evt.EVT_C_FIND, self.on_find), (evt.EVT_C_MOVE, self.on_move),
+                (evt.EVT_C_GET, self.on_get)]
+
+    def _run(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(_TIMEOUT)
+
+    # -- C-FIND -------------------------------------------------------------------------
+    def on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        """C-FIND SCP (PS3.4 C.4.1): one pending response per match, then success."""
+        identifier = event.identifier
+        try:
+            query, qr_level = self._query(event, identifier, self.runtime.settings.scp
+                                          .max_find_results)
+            rows = self._run(self.runtime.index.search(query))
+        except DicomCloudError as exc:
+            log.warning("C-FIND refused: %s", exc.message)
+            yield (_IDENTIFIER_MISMATCH if exc.http_status == 400 else _UNABLE), None
+            return
+        if qr_level == "PATIENT":
+            rows = list({(r.get("patient_id"), r.get("patient_name")): r
+                         for r in rows}.values())
+        requested = [e for e in identifier if e.keyword not in _SKIP and e.VR != "SQ"]
+        for row in rows:
+            if event.is_cancelled:
+                yield _CANCELLED, None
+                return
+            yield _PENDING, self._answer(query, row, requested, qr_level)
+
+    def _query(self, event: evt.Event, identifier: Dataset,
+               limit: int) -> tuple[Query, str]:
+        qr_level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
+        if qr_level not in _LEVELS:
+            raise _mismatch(f"Query/Retrieve Level {qr_level or '(missing)'!r} is not one of "
+                            "PATIENT, STUDY, SERIES, IMAGE")
+        params: list[tuple[str, str]] = []
+        for element in identifier:
+            keyword = element.keyword
+            if keyword in _SKIP or element.VR == "SQ" or keyword not in ATTRIBUTES:
+                continue  # return keys only (the index does not match on them)
+            text = _text(element.value)
+            if text:
+                params.append((keyword, text))
+        query, _ = parse_qido(self.tenant_of(event), _LEVELS[qr_level], params,
+                              default_limit=limit, max_limit=limit)
+        return query, qr_level
+
+    def _answer(self, query: Query, row: dict[str, Any], requested: list[Any],
+                qr_level: str) -> Dataset:
+        values = to_json(query, row, "")
+        out = Dataset()
+        out.SpecificCharacterSet = "ISO_IR 192"  # index values are Unicode
+        out.QueryRetrieveLevel = qr_level
+        for element in requested:
+            key = f"{int(element.tag):08X}"
+            found = values.get(key)
+            if found is not None and "Value" in found:
+                try:
+                    out.update(Dataset.from_json({key: found}))
+                    continue
+                except (ValueError, TypeError, KeyError):
+                    pass
+            out.add_new(element.tag, element.VR or dictionary_VR(element.tag), None)
+        out.RetrieveAETitle = self.runtime.settings.scp.ae_title
+        return out
+
+    # -- C-MOVE / C-GET -----------------------------------------------------------------
+    def _instances(self, event: evt.Event) -> list[InstanceRow]:
+        """Instances an identifier asks to retrieve (PS3.4 C.4.2.2.1: unique keys)."""
+        identifier = event.identifier
+        query, _ = self._query(event, identifier, 1_000_000)
+        found = self._run(self.runtime.index.search(query))
+        rows: list[InstanceRow] = []
+        seen: set[str] = set()
+        for match in found:
+            study, series = match.get("study_uid"), match.get("series_uid")
+            for row in self._run(self.runtime.index.instances(query.tenant_id, study,
+                                                              series if query.level != "study"
+                                                              else None)):
+                if query.level == "instance" and row.sop_uid != match.get("sop_uid"):
+                    continue
+                if row.sop_uid not in seen:
+                    seen.add(row.sop_uid)
+                    rows.append(row)
+        return rows
+
+    def _datasets(self, event: evt.Event, rows: list[InstanceRow]) -> Iterator[
+            tuple[int, Dataset | None]]:
+        for row in rows:
+            if event.is_cancelled:
+                yield _CANCELLED, None
+                return
+            try:
+                with self.runtime.storage.open(row.file_path) as fh:
+                    ds = pydicom.dcmread(fh)
+            except (OSError, ValueError) as exc:
+                log.error("retrieve: cannot read %s: %s", row.file_path, exc)
+                yield _UNABLE, None  # counts as a failed sub-operation
+                continue
+            yield _PENDING, ds
+
+    def on_move(self, event: evt.Event) -> Iterator[Any]:
+        """C-MOVE SCP (PS3.4 C.4.2): destination, sub-operation count, then datasets."""
+        destination = event.move_destination
+        title = (destination.decode("ascii", "replace") if isinstance(destination, bytes)
+                 else str(destination)).strip().upper()
+        address = self.runtime.settings.scp.move_destinations.get(title)
+        if address is None:
+            log.warning("C-MOVE to unknown destination %r (add it to scp.move_destinations)",
+                        title)
+            yield None, None  # pynetdicom answers 0xA801 Move Destination unknown
+            return
+        try:
+            rows = self._instances(event)
+        except DicomCloudError as exc:
+            log.warning("C-MOVE refused: %s", exc.message)
+            yield None, None
+            return
+        host, _, port = address.rpartition(":")
+        yield host, int(port), {"contexts": _contexts(rows), "ae_title": title}
+        yield len(rows)
+        yield from self._datasets(event, rows)
+
+    def on_get(self, event: evt.Event) -> Iterator[Any]:
+        """C-GET SCP (PS3.4 C.4.3): sub-operation count, then datasets on this association."""
+        try:
+            rows = self._instances(event)
+        except DicomCloudError as exc:
+            log.warning("C-GET refused: %s", exc.message)
+            yield 0
+            return
+        yield len(rows)
+        yield from self._datasets(event, rows)
+
+
+def _mismatch(message: str) -> DicomCloudError:
+    from dicomcloud.errors import BadRequest
+
+    return BadRequest(message)
+
+
+def _text(value: Any) -> str:
+    """A C-FIND key value in QIDO's textual form (UID lists comma-separated)."""
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return ",".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _contexts(rows: list[InstanceRow]) -> list[Any]:
+    """Presentation contexts for a C-MOVE sub-association: each SOP class with its stored
+    transfer syntax, uncompressed ones offered as both (at most 128, PS3.8 9.3.2.2)."""
+    wanted: dict[str, set[str]] = {}
+    for row in rows:
+        syntaxes = wanted.setdefault(row.sop_class_uid, set())
+        if row.transfer_syntax_uid in (ImplicitVRLittleEndian, ExplicitVRLittleEndian):
+            syntaxes.update((ExplicitVRLittleEndian, ImplicitVRLittleEndian))
+        else:
+            syntaxes.add(row.transfer_syntax_uid)
+    contexts = []
+    for sop_class, syntaxes in sorted(wanted.items()):
+        for syntax in sorted(syntaxes):
+            contexts.append(build_context(sop_class, [syntax]))
+    return contexts[:128]
