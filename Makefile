@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help install run test test-fast lint bench bench-pair services services-stop system-deps clean
+.PHONY: help install run test test-fast lint bench bench-large bench-pair services services-stop system-deps clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -43,8 +43,11 @@ lint: $(STAMP)  ## ruff and mypy (strict)
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy
 
-bench: $(STAMP)  ## benchmark dicomcloud with ../shared/bench (ingest, QIDO); SMALL=1 for the smoke set
+bench: $(STAMP)  ## ../shared/bench against dicomcloud, then the large-study case; SMALL=1: smoke set
 	@bash scripts/bench.sh
+
+bench-large: $(STAMP)  ## only the large-study case: one study of 3,000 instances, metadata latency
+	$(BIN)/python scripts/bench_large_study.py
 
 bench-pair: $(STAMP)  ## the same side by side with Orthanc (../shared/bench/pair.sh)
 	@PAIR=1 bash scripts/bench.sh

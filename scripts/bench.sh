@@ -2,6 +2,8 @@
 # `make bench`: the shared DICOM benchmark (../shared/bench) against dicomcloud on embedded
 # defaults. PAIR=1 runs it side by side with Orthanc (pair.sh) and prints ratios.
 # SMALL=1 uses the 31-instance smoke dataset. Extra bench.py options: BENCH_ARGS="...".
+# Then (not with PAIR=1 or SMALL=1; LARGE=0 skips it) the large-study case of
+# scripts/bench_large_study.py: one study of 3,000 instances, metadata latency, peak memory.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BENCH=${BENCH_DIR:-$ROOT/../shared/bench}
@@ -26,4 +28,7 @@ else
     --dicomweb-url "http://127.0.0.1:$HTTP_PORT/dicomweb" --dimse-host 127.0.0.1 \
     --dimse-port "$DIMSE_PORT" --aet DICOMCLOUD --server-pid-file "$("$SERVER" pidfile)" \
     --reset-cmd "$SERVER reset" --cstore-assocs 1,4 --stow-clients 1,4 ${extra[@]+"${extra[@]}"}
+fi
+if [ -z "${PAIR:-}" ] && [ -z "${SMALL:-}" ] && [ "${LARGE:-1}" != 0 ]; then
+  "$ROOT/.venv/bin/python" "$ROOT/scripts/bench_large_study.py"
 fi
