@@ -695,7 +695,7 @@ def test_native_association_is_rejected_while_a_pynetdicom_one_holds_the_only_sl
     wait_until(lambda: accepted(limited), timeout=10, message="an association after release")
 
 
-def test_query_retrieve_plus_ct_storage_falls_back_to_pynetdicom_and_stores_the_ct(
+def test_query_retrieve_plus_ct_storage_falls_back_to_pynetdicom_which_serves_both(
         archive: Archive) -> None:
     ds = make_ct()
     ae = peer_ae()
@@ -705,10 +705,16 @@ def test_query_retrieve_plus_ct_storage_falls_back_to_pynetdicom_and_stores_the_
     assert assoc.is_established
     try:
         assert not served_natively(assoc)
-        assert [c.abstract_syntax for c in assoc.accepted_contexts] == [CTImageStorage]
-        assert [(c.abstract_syntax, c.result) for c in assoc.rejected_contexts] == [
-            (StudyRootQueryRetrieveInformationModelFind, dul.ABSTRACT_SYNTAX_NOT_SUPPORTED)]
+        assert sorted(c.abstract_syntax for c in assoc.accepted_contexts) == sorted(
+            [StudyRootQueryRetrieveInformationModelFind, CTImageStorage])
+        assert assoc.rejected_contexts == []
         assert assoc.send_c_store(ds).Status == 0
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = ""
+        statuses = [status.Status for status, _ in assoc.send_c_find(
+            query, StudyRootQueryRetrieveInformationModelFind)]
+        assert statuses[-1] == 0x0000  # the C-FIND is answered on the same association
     finally:
         assoc.release()
     rows = wait_until(lambda: find_instances(archive, [ds.SOPInstanceUID])[ds.SOPInstanceUID],
