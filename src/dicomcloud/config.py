@@ -73,6 +73,12 @@ class WebSettings:
     qido_default_limit: int = 1000
     qido_max_limit: int = 10000
     graceful_timeout: float = 10.0
+    #: Origins allowed to call DICOMweb from a browser (CORS), e.g. an OHIF viewer's
+    #: ``https://viewer.example.org``; ``*`` allows any; empty disables CORS.
+    cors_origins: tuple[str, ...] = ()
+    #: Build retrieve and BulkDataURI URLs from X-Forwarded-Proto/-Host/-Prefix. Only behind
+    #: a reverse proxy that sets them (any client could otherwise steer the URLs).
+    trust_forwarded_headers: bool = False
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,15 @@ import orjson
 import pydicom
 from hypercorn.asyncio import serve as hypercorn_serve
 from hypercorn.config import Config as HypercornConfig
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 
+from dicomcloud import rendered as render
 from dicomcloud import wado
 from dicomcloud.dicomjson import instance_json
 from dicomcloud.errors import (
@@ -59,6 +62,8 @@ DICOM_JSON = "application/dicom+json"
 _FEED_BYTES = 1 << 20  # hand the parser at least this much per thread hop
 _QIDO_TTL = 60.0
 _CHUNK = 256 * 1024  # WADO-RS: bytes read per thread hop while streaming a file
+_HOST_RE = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,255}")  # X-Forwarded-Host: a host[:port]
+_PREFIX_RE = re.compile(r"(/[A-Za-z0-9._~\-]+)*")  # X-Forwarded-Prefix: path segments
 
 
 def _error(status: int, message: str) -> Response:
@@ -76,7 +81,23 @@ class DicomWeb:
         self.cache_qido = runtime.cache_shared or "consumer" in runtime.settings.roles
 
     def base_url(self, request: Request) -> str:
-        return str(request.base_url).rstrip("/") + self.settings.web.root
+        """The DICOMweb root as the client reached it; behind a trusted proxy, as the
+        proxy's X-Forwarded-Proto/-Host/-Prefix say (first value of each)."""
+        base = str(request.base_url).rstrip("/")
+        if self.settings.web.trust_forwarded_headers:
+            headers = request.headers
+
+            def first(name: str) -> str | None:
+                value = headers.get(name)
+                return value.split(",")[0].strip() if value else None
+
+            proto = first("x-forwarded-proto") or request.url.scheme
+            host = first("x-forwarded-host") or request.url.netloc
+            prefix = (first("x-forwarded-prefix") or "").rstrip("/")
+            if proto in ("http", "https") and _HOST_RE.fullmatch(host) and \
+                    _PREFIX_RE.fullmatch(prefix):
+                base = f"{proto}://{host}{prefix}"
+        return base + self.settings.web.root
 
     def tenant(self, request: Request) -> str:
         return self.settings.default_tenant
@@ -360,6 +381,31 @@ class DicomWeb:
                 return element.value
         raise NotFound(f"the instance has no bulk data element {tag:08X}")
 
+    async def rendered(self, request: Request) -> Response:
+        """Rendered instance or frame, and thumbnails at every level (PS3.18 10.4.1.1.3,
+        10.4.1.1.5); JPEG unless PNG is asked for."""
+        params = render.parse_params(list(request.query_params.multi_items()))
+        media = render.choose_media(wado.parse_accept(request.headers.get("accept")))
+        rows = await self._rows(request)
+        frame = 1
+        if "frames" in request.path_params:
+            numbers = wado.parse_frame_list(request.path_params["frames"])
+            if len(numbers) != 1:
+                raise BadRequest("rendered and thumbnail frames: one frame per request")
+            frame = numbers[0]
+        if request.url.path.endswith("/thumbnail"):
+            if params.viewport is None:
+                params = dataclasses.replace(
+                    params, viewport=(render.THUMBNAIL_SIZE, render.THUMBNAIL_SIZE))
+            images = [r for r in rows if "Image" in UID(r.sop_class_uid).name] or rows
+            row = images[len(images) // 2] if len(rows) > 1 else rows[0]
+        else:
+            row = rows[0]
+        data = await asyncio.to_thread(self._instance_bytes, row, wado.Choice(
+            False, wado.ANY, "application/dicom"))
+        image = await asyncio.to_thread(render.render, data, frame, params, media)
+        return Response(image, media_type=media)
+
     # -- health -------------------------------------------------------------------------
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -449,7 +495,13 @@ def create_app(runtime: Runtime) -> Starlette:
               methods=["GET"]),
         Route("/studies/{study}/series/{series}/instances/{sop}/bulkdata/{tag}", web.bulkdata,
               methods=["GET"]),
+        Route("/studies/{study}/thumbnail", web.rendered, methods=["GET"]),
+        Route("/studies/{study}/series/{series}/thumbnail", web.rendered, methods=["GET"]),
     ]
+    instance = "/studies/{study}/series/{series}/instances/{sop}"
+    for suffix in ("/rendered", "/thumbnail", "/frames/{frames}/rendered",
+                   "/frames/{frames}/thumbnail"):
+        dicomweb.append(Route(instance + suffix, web.rendered, methods=["GET"]))
     routes = [
         Route("/healthz", web.healthz),
         Route("/readyz", web.readyz),
@@ -466,7 +518,14 @@ def create_app(runtime: Runtime) -> Starlette:
         log.exception("%s %s failed", request.method, request.url.path, exc_info=exc)
         return _error(500, "internal error; the archive logged the details")
 
-    return Starlette(routes=routes, exception_handlers={
+    middleware = []
+    origins = list(runtime.settings.web.cors_origins)
+    if origins:  # browsers (OHIF) on another origin; preflight answered by the middleware
+        middleware.append(Middleware(
+            CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"], expose_headers=["ETag", "Warning", "Content-Location"],
+            allow_credentials="*" not in origins, max_age=600))
+    return Starlette(routes=routes, middleware=middleware, exception_handlers={
         DicomCloudError: dicom_error, Exception: unexpected})
 
 
