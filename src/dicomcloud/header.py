@@ -44,13 +44,16 @@ class _Unusual(Exception):
     """Leave this file to pydicom."""
 
 
-def read_header(data: bytes, *, whole: bool = True) -> tuple[FileDataset, int] | None:
+def read_header(data: bytes, *, whole: bool = True,
+                sequences: bool = False) -> tuple[FileDataset, int] | None:
     """The header as pydicom's ``dcmread(..., stop_before_pixels=True)`` would give it
     (sequences of undefined length left out), and the offset where Pixel Data (or the end)
     begins; None to fall back to pydicom.
 
     ``whole=False``: ``data`` is only the beginning of the file, so a header that does not
-    reach Pixel Data within it may be incomplete: None then too.
+    reach Pixel Data within it may be incomplete: None then too. ``sequences=True``: the
+    caller needs every element (DICOM JSON), so a sequence of undefined length, which
+    this reader would skip, means None as well.
     """
     if len(data) < 132 or data[128:132] != b"DICM":
         return None
@@ -65,7 +68,8 @@ def read_header(data: bytes, *, whole: bool = True) -> tuple[FileDataset, int] |
         implicit = syntax == _IMPLICIT_LE
         if position + 6 <= len(data) and (data[position + 4:position + 6] in _VRS) == implicit:
             return None  # encoded otherwise than the syntax says: pydicom's heuristics
-        elements, position = _elements(data, position, implicit=implicit, meta=False)
+        elements, position = _elements(data, position, implicit=implicit, meta=False,
+                                       sequences=sequences)
         if not whole and position >= len(data):
             return None
     except (_Unusual, struct.error, UnicodeDecodeError):
@@ -80,8 +84,8 @@ def read_header(data: bytes, *, whole: bool = True) -> tuple[FileDataset, int] |
     return ds, position
 
 
-def _elements(data: bytes, position: int, *, implicit: bool,
-              meta: bool) -> tuple[dict[BaseTag, RawDataElement], int]:
+def _elements(data: bytes, position: int, *, implicit: bool, meta: bool,
+              sequences: bool = False) -> tuple[dict[BaseTag, RawDataElement], int]:
     """Top-level elements from ``position``: the File Meta group (``meta``), or the data
     set up to Pixel Data or the end."""
     out: dict[BaseTag, RawDataElement] = {}
@@ -114,7 +118,7 @@ def _elements(data: bytes, position: int, *, implicit: bool,
                 raise _Unusual("unknown VR")
             vr = vr_raw.decode("ascii")
         if length == _UNDEFINED:
-            if vr not in (None, "SQ"):
+            if vr not in (None, "SQ") or sequences:
                 raise _Unusual(f"{vr} of undefined length")
             position = _skip_items(data, start, implicit)
             continue
