@@ -13,9 +13,9 @@
 Transfer syntax negotiation follows PS3.18 8.7.3: ``transfer-syntax=*`` sends what is
 stored; no parameter means the default of the media type (Explicit VR Little Endian for
 ``application/dicom`` and ``application/octet-stream``, Table 8.7.3-2/-3); another syntax
-is produced by transcoding with pydicom when it is uncompressed (decoding a compressed
-original if need be). Media ranges are tried in order of their q-values; 406 when none
-can be produced.
+is produced by transcoding with pydicom when it is uncompressed or lossless (RLE, JPEG-LS,
+JPEG 2000 lossless; a compressed original is decoded first); lossy targets are refused.
+Media ranges are tried in order of their q-values; 406 when none can be produced.
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ _CHUNK = 256 * 1024
 _PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
 _ITEM, _SEQ_END = 0xFFFEE000, 0xFFFEE0DD
 _UNCOMPRESSED = {ImplicitVRLittleEndian, ExplicitVRLittleEndian}
+#: Lossless compressed syntaxes produced on request: RLE, JPEG-LS and JPEG 2000 lossless.
+LOSSLESS_TARGETS = {"1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90"}
 
 #: Media type of a frame stored in each compressed transfer syntax (PS3.18 Table 8.7.3-4).
 FRAME_MEDIA_TYPES = {
@@ -138,12 +140,12 @@ def choose_dicom(ranges: list[MediaRange], *, single_allowed: bool) -> Choice:
             return Choice(False, syntax, "application/dicom")
     raise NotAcceptable(
         'none of the accepted media types can be produced; ask for multipart/related; '
-        'type="application/dicom" with transfer-syntax=* (as stored) or an uncompressed '
-        "syntax")
+        'type="application/dicom" with transfer-syntax=* (as stored), an uncompressed '
+        "syntax, or RLE, JPEG-LS or JPEG 2000 lossless")
 
 
 def _producible(syntax: str) -> bool:
-    return syntax == ANY or syntax in _UNCOMPRESSED
+    return syntax == ANY or syntax in _UNCOMPRESSED or syntax in LOSSLESS_TARGETS
 
 
 # -- files -----------------------------------------------------------------------------
@@ -162,22 +164,31 @@ def stored_syntax(ds: Dataset) -> str:
     return str(ds.file_meta.get("TransferSyntaxUID", ImplicitVRLittleEndian))
 
 
-def transcode(data: bytes, target: str) -> bytes:
-    """A Part 10 file re-encoded in the uncompressed ``target`` syntax (decoding a
-    compressed original). Pixel values are unchanged: only their encoding differs."""
+def transcode(data: bytes, target: str) -> tuple[bytes, str]:
+    """A Part 10 file re-encoded in ``target``: uncompressed, or RLE / JPEG-LS / JPEG 2000
+    lossless (decoding a compressed original first). Never lossy: pixel values are
+    unchanged, only their encoding differs. Returns the file and its transfer syntax: an
+    instance without pixel data asked for in a compressed syntax comes in Explicit VR
+    Little Endian (compression applies to pixel data only)."""
     ds = pydicom.dcmread(io.BytesIO(data))
     source = UID(stored_syntax(ds))
     try:
         if source.is_compressed:
             ds.decompress(as_rgb=False)
+        if target in LOSSLESS_TARGETS and "PixelData" not in ds:
+            target = ExplicitVRLittleEndian
+        elif target in LOSSLESS_TARGETS:
+            ds.compress(target)
+    except NotAcceptable:
+        raise
     except Exception as exc:
-        raise NotAcceptable(f"cannot decode {source.name} to send {UID(target).name}; "
+        raise NotAcceptable(f"cannot transcode {source.name} to {UID(target).name} ({exc}); "
                             "ask for transfer-syntax=*") from exc
     ds.file_meta.TransferSyntaxUID = UID(target)
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True, implicit_vr=target == ImplicitVRLittleEndian,
                little_endian=True)
-    return out.getvalue()
+    return out.getvalue(), target
 
 
 def iter_file(fh: IO[bytes], start: int = 0, end: int | None = None) -> Iterator[bytes]:

@@ -199,29 +199,27 @@ class DicomWeb:
         rows = await self._rows(request)
         storage = self.runtime.storage
         if not choice.multipart:
-            data = await asyncio.to_thread(self._instance_bytes, rows[0], choice)
-            syntax = rows[0].transfer_syntax_uid if choice.transfer_syntax == wado.ANY \
-                else choice.transfer_syntax
+            data, syntax = await asyncio.to_thread(self._instance_bytes, rows[0], choice)
             return Response(data, media_type=f"application/dicom; transfer-syntax={syntax}")
         boundary = wado.new_boundary()
 
         async def parts() -> AsyncIterator[bytes]:
             for row in rows:
                 as_stored = choice.transfer_syntax in (wado.ANY, row.transfer_syntax_uid)
-                syntax = row.transfer_syntax_uid if as_stored else choice.transfer_syntax
-                head = wado.part_head(boundary, f"application/dicom; transfer-syntax={syntax}")
                 try:
                     if as_stored:
                         fh = await asyncio.to_thread(storage.open, row.file_path)
                         try:
-                            yield head
+                            yield wado.part_head(boundary, "application/dicom; transfer-syntax="
+                                                 + row.transfer_syntax_uid)
                             while chunk := await asyncio.to_thread(fh.read, _CHUNK):
                                 yield chunk
                         finally:
                             fh.close()
                     else:
-                        data = await asyncio.to_thread(self._instance_bytes, row, choice)
-                        yield head
+                        data, syntax = await asyncio.to_thread(self._instance_bytes, row, choice)
+                        yield wado.part_head(boundary,
+                                             f"application/dicom; transfer-syntax={syntax}")
                         yield data
                 except FileNotFoundError:
                     log.error("WADO: %s is indexed but missing on disk", row.file_path)
@@ -232,14 +230,15 @@ class DicomWeb:
         return StreamingResponse(parts(), media_type=wado.multipart_type(
             boundary, "application/dicom", choice.transfer_syntax))
 
-    def _instance_bytes(self, row: InstanceRow, choice: wado.Choice) -> bytes:
+    def _instance_bytes(self, row: InstanceRow, choice: wado.Choice) -> tuple[bytes, str]:
+        """The file of ``row`` in the chosen transfer syntax, and that syntax."""
         try:
             with self.runtime.storage.open(row.file_path) as fh:
                 data = fh.read()
         except FileNotFoundError:
             raise NotFound("the instance's file is missing; the archive logged it") from None
         if choice.transfer_syntax in (wado.ANY, row.transfer_syntax_uid):
-            return data
+            return data, row.transfer_syntax_uid
         return wado.transcode(data, choice.transfer_syntax)
 
     async def metadata(self, request: Request) -> Response:
@@ -401,7 +400,7 @@ class DicomWeb:
             row = images[len(images) // 2] if len(rows) > 1 else rows[0]
         else:
             row = rows[0]
-        data = await asyncio.to_thread(self._instance_bytes, row, wado.Choice(
+        data, _ = await asyncio.to_thread(self._instance_bytes, row, wado.Choice(
             False, wado.ANY, "application/dicom"))
         image = await asyncio.to_thread(render.render, data, frame, params, media)
         return Response(image, media_type=media)
