@@ -2,7 +2,8 @@
 
 Bulk data (Pixel Data, and binary values longer than ``BULK_THRESHOLD``) is never inlined:
 it is referenced by a BulkDataURI (PS3.18 F.2.6). URIs are written relative to the DICOMweb
-root (``studies/{study}/series/{series}/instances/{sop}/bulkdata/{tag}``) so that the same
+root (``studies/{study}/series/{series}/instances/{sop}/bulkdata/{tag}``, and
+``.../bulkdata/{sequence tag}/{item index}/{tag}`` inside sequences) so that the same
 pre-generated document serves every host name a proxy may present; the web role resolves
 them against the request's base URL.
 """
@@ -18,7 +19,7 @@ import orjson
 import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from dicomcloud.header import read_header
 
@@ -46,6 +47,11 @@ def instance_json(fp: IO[bytes]) -> dict[str, Any]:
         ds = pydicom.dcmread(fp, stop_before_pixels=True)
     base = instance_base(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
                          str(ds.SOPInstanceUID))
+    if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        fp.seek(0)  # the reader's position is inside the deflated stream: look at it whole
+        full = pydicom.dcmread(fp)
+        return dataset_json(ds, base, has_pixels=next((k for k in _PIXEL_VR if k in full),
+                                                      None))
     return dataset_json(ds, base, has_pixels=_has_pixels(fp))
 
 
@@ -55,7 +61,7 @@ def dataset_json(ds: Dataset, base: str, *, has_pixels: str | None) -> dict[str,
     tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if tsyntax:
         out["00020010"] = {"vr": "UI", "Value": [str(tsyntax)]}
-    out.update(_items(ds, base, fast_encoding(ds)))
+    out.update(_items(ds, f"{base}/bulkdata/", fast_encoding(ds)))
     if has_pixels:
         tag = pydicom.datadict.tag_for_keyword(has_pixels)
         vr = _PIXEL_VR[has_pixels]
@@ -93,21 +99,23 @@ def fast_encoding(ds: Dataset) -> str | None:
     return _FAST_CHARSETS.get(value.strip())
 
 
-def _items(ds: Dataset, base: str, encoding: str | None) -> dict[str, Any]:
+def _items(ds: Dataset, bulk: str, encoding: str | None) -> dict[str, Any]:
+    """Elements of ``ds``; ``bulk`` prefixes their BulkDataURIs: ``.../bulkdata/`` at the
+    top, ``.../bulkdata/{sequence}/{item}/`` inside sequences (one URI per value)."""
     out: dict[str, Any] = {}
     for tag, element in ds._dict.items():
         key = f"{int(tag):08X}"
         fast = None
         if encoding is not None and isinstance(element, RawDataElement):
-            fast = _raw(element, key, base, encoding)
+            fast = _raw(element, key, bulk, encoding)
         if fast is None:
-            fast = _slow(ds, int(tag), key, base, encoding)
+            fast = _slow(ds, int(tag), key, bulk, encoding)
         if fast is not None:
             out[key] = fast
     return out
 
 
-def _slow(ds: Dataset, tag: int, key: str, base: str,
+def _slow(ds: Dataset, tag: int, key: str, bulk: str,
           encoding: str | None) -> dict[str, Any] | None:
     try:
         element = ds[tag]
@@ -115,15 +123,16 @@ def _slow(ds: Dataset, tag: int, key: str, base: str,
         return None
     if element.VR == "SQ":
         return {"vr": "SQ", "Value": [
-            _items(item, base, fast_encoding(item) if 0x00080005 in item else encoding)
-            for item in element.value]}
+            _items(item, f"{bulk}{key}/{index}/",
+                   fast_encoding(item) if 0x00080005 in item else encoding)
+            for index, item in enumerate(element.value)]}
     try:
-        return element.to_json_dict(lambda e: f"{base}/bulkdata/{key}", BULK_THRESHOLD)
+        return element.to_json_dict(lambda e: f"{bulk}{key}", BULK_THRESHOLD)
     except Exception:
         return None
 
 
-def _raw(element: RawDataElement, key: str, base: str, encoding: str) -> dict[str, Any] | None:
+def _raw(element: RawDataElement, key: str, bulk: str, encoding: str) -> dict[str, Any] | None:
     vr, value = element.VR, element.value
     if (not element.is_little_endian or element.is_buffered or vr is None or value is None
             or vr == "SQ"):
@@ -176,7 +185,7 @@ def _raw(element: RawDataElement, key: str, base: str, encoding: str) -> dict[st
                                     for i in range(0, len(pairs), 2)]}
     if vr in _BINARY:
         if len(value) > (BULK_THRESHOLD // 4) * 3:  # the threshold is on the base64 size
-            return {"vr": vr, "BulkDataURI": f"{base}/bulkdata/{key}"}
+            return {"vr": vr, "BulkDataURI": f"{bulk}{key}"}
         return {"vr": vr, "InlineBinary": base64.b64encode(value).decode("ascii")}
     return None
 

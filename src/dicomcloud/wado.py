@@ -26,6 +26,7 @@ import io
 import re
 import struct
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -33,11 +34,17 @@ from typing import IO, Any
 import orjson
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from dicomcloud.dicomjson import instance_json
 from dicomcloud.errors import BadRequest, NotAcceptable, NotFound
 from dicomcloud.header import read_header
+from dicomcloud.ingest import file_meta_bytes
 
 ANY = "*"
 _HEAD_BYTES = 64 * 1024
@@ -55,8 +62,10 @@ FRAME_MEDIA_TYPES = {
     "1.2.840.10008.1.2.4.80": "image/jls", "1.2.840.10008.1.2.4.81": "image/jls",
     "1.2.840.10008.1.2.4.90": "image/jp2", "1.2.840.10008.1.2.4.91": "image/jp2",
     "1.2.840.10008.1.2.4.201": "image/jphc", "1.2.840.10008.1.2.4.202": "image/jphc",
-    "1.2.840.10008.1.2.4.203": "image/jphc", "1.2.840.10008.1.2.5": "image/x-dicom-rle",
+    "1.2.840.10008.1.2.4.203": "image/jphc", "1.2.840.10008.1.2.5": "image/dicom-rle",
 }
+#: Names older clients use for the same media types.
+MEDIA_ALIASES = {"image/x-dicom-rle": "image/dicom-rle", "image/x-jls": "image/jls"}
 
 
 # -- Accept ----------------------------------------------------------------------------
@@ -128,15 +137,18 @@ class Choice:
     media_type: str
 
 
-def choose_dicom(ranges: list[MediaRange], *, single_allowed: bool) -> Choice:
-    """Negotiate a DICOM retrieve (PS3.18 8.7.3.3.2, Table 8.7.3-2)."""
+def choose_dicom(ranges: list[MediaRange], *, single_allowed: bool,
+                 stored: frozenset[str] = frozenset()) -> Choice:
+    """Negotiate a DICOM retrieve (PS3.18 8.7.3.3.2, Table 8.7.3-2); ``stored``: the
+    transfer syntaxes the instances are kept in (always producible as they are)."""
     for r in ranges:
         syntax = r.transfer_syntax or ExplicitVRLittleEndian
+        producible = _producible(syntax) or (bool(stored) and stored == {syntax})
         if r.mime in ("*/*", "multipart/*") or (r.mime == "multipart/related" and (
                 r.inner in (None, "application/dicom") or r.inner_any)):
-            if _producible(syntax):
+            if producible:
                 return Choice(True, syntax, "application/dicom")
-        elif r.mime == "application/dicom" and single_allowed and _producible(syntax):
+        elif r.mime == "application/dicom" and single_allowed and producible:
             return Choice(False, syntax, "application/dicom")
     raise NotAcceptable(
         'none of the accepted media types can be produced; ask for multipart/related; '
@@ -149,15 +161,33 @@ def _producible(syntax: str) -> bool:
 
 
 # -- files -----------------------------------------------------------------------------
-def read_file_header(fh: IO[bytes]) -> tuple[Dataset, int]:
-    """Header of an open Part 10 file and the offset of its pixel data (or end)."""
+def read_file_header(fh: IO[bytes]) -> tuple[Dataset, int, IO[bytes]]:
+    """Header of an open Part 10 file, the offset of its pixel data (or end), and the file
+    to read pixels from: ``fh`` itself, or for a deflated file (PS3.5 A.5) an inflated copy
+    in memory, relabelled Explicit VR Little Endian."""
     head = fh.read(_HEAD_BYTES)
     fast = read_header(head, whole=len(head) < _HEAD_BYTES)
     if fast is not None:
-        return fast
+        return fast[0], fast[1], fh
     fh.seek(0)
     ds = pydicom.dcmread(fh, stop_before_pixels=True)
-    return ds, fh.tell()
+    if stored_syntax(ds) != DeflatedExplicitVRLittleEndian:
+        return ds, fh.tell(), fh
+    fh.seek(0)
+    raw = fh.read()
+    meta_length = struct.unpack("<I", raw[140:144])[0] if raw[132:136] == b"\x02\x00\x00\x00" \
+        else None
+    if meta_length is None:
+        raise NotAcceptable("deflated file without a File Meta group length")
+    inflated = zlib.decompress(raw[144 + meta_length:], -zlib.MAX_WBITS)
+    rebuilt = file_meta_bytes(ExplicitVRLittleEndian, str(ds.file_meta.MediaStorageSOPClassUID),
+                              str(ds.file_meta.MediaStorageSOPInstanceUID), None) + inflated
+    buffer = io.BytesIO(rebuilt)
+    again = read_header(rebuilt)
+    if again is not None:
+        return again[0], again[1], buffer
+    ds = pydicom.dcmread(buffer, stop_before_pixels=True)
+    return ds, buffer.tell(), buffer
 
 
 def stored_syntax(ds: Dataset) -> str:
@@ -167,28 +197,58 @@ def stored_syntax(ds: Dataset) -> str:
 def transcode(data: bytes, target: str) -> tuple[bytes, str]:
     """A Part 10 file re-encoded in ``target``: uncompressed, or RLE / JPEG-LS / JPEG 2000
     lossless (decoding a compressed original first). Never lossy: pixel values are
-    unchanged, only their encoding differs. Returns the file and its transfer syntax: an
-    instance without pixel data asked for in a compressed syntax comes in Explicit VR
-    Little Endian (compression applies to pixel data only)."""
+    unchanged, only their encoding differs, and the SOP Instance UID stays. Returns the file
+    and its transfer syntax: an instance without pixel data asked for in a compressed
+    syntax comes in Explicit VR Little Endian (compression applies to pixel data only)."""
     ds = pydicom.dcmread(io.BytesIO(data))
     source = UID(stored_syntax(ds))
     try:
         if source.is_compressed:
-            ds.decompress(as_rgb=False)
+            # decoders return full-resolution colour: as RGB, consistently labelled
+            ds.decompress(as_rgb=True, generate_instance_uid=False)
+        elif not source.is_little_endian and "PixelData" in ds:
+            ds.PixelData = _little_endian_pixels(ds)
         if target in LOSSLESS_TARGETS and "PixelData" not in ds:
             target = ExplicitVRLittleEndian
         elif target in LOSSLESS_TARGETS:
-            ds.compress(target)
-    except NotAcceptable:
-        raise
+            ds.compress(target, generate_instance_uid=False)
+        ds.file_meta.TransferSyntaxUID = UID(target)
+        out = io.BytesIO()
+        if source.is_little_endian:
+            pydicom.dcmwrite(out, ds, enforce_file_format=True,
+                             implicit_vr=target == ImplicitVRLittleEndian, little_endian=True)
+        else:  # pydicom re-encodes big endian only when forced (the pixels are swapped above)
+            pydicom.dcmwrite(out, ds, force_encoding=True,
+                             implicit_vr=target == ImplicitVRLittleEndian, little_endian=True)
     except Exception as exc:
         raise NotAcceptable(f"cannot transcode {source.name} to {UID(target).name} ({exc}); "
                             "ask for transfer-syntax=*") from exc
-    ds.file_meta.TransferSyntaxUID = UID(target)
-    out = io.BytesIO()
-    ds.save_as(out, enforce_file_format=True, implicit_vr=target == ImplicitVRLittleEndian,
-               little_endian=True)
     return out.getvalue(), target
+
+
+_SWAP = {"OW": 2, "US": 2, "SS": 2, "OF": 4, "OL": 4, "FL": 4, "UL": 4, "SL": 4, "AT": 2,
+         "OD": 8, "FD": 8, "OV": 8, "SV": 8, "UV": 8}
+
+
+def little_endian_value(value: bytes, vr: str, big_endian: bool) -> bytes:
+    """Bulk data as PS3.18 8.7.3.3.1 wants it (little endian): swapped by the VR's width."""
+    width = _SWAP.get(vr, 1)
+    if not big_endian or width == 1 or len(value) % width:
+        return value
+    import numpy as np
+
+    return np.frombuffer(value, dtype=f">u{width}").astype(f"<u{width}").tobytes()
+
+
+def _little_endian_pixels(ds: Dataset) -> bytes:
+    """Native pixel data of a big endian data set as little endian bytes (colour samples
+    interleaved: ``PlanarConfiguration`` is set to 0 to match)."""
+    from pydicom.pixels.utils import pixel_array
+
+    array = pixel_array(ds, raw=True)
+    if "PlanarConfiguration" in ds:
+        ds.PlanarConfiguration = 0
+    return bytes(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
 
 
 def iter_file(fh: IO[bytes], start: int = 0, end: int | None = None) -> Iterator[bytes]:
@@ -334,6 +394,15 @@ def decode_frame(data: bytes, number: int) -> bytes:
 # -- metadata --------------------------------------------------------------------------
 def etag(body: bytes) -> str:
     return '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
+
+
+def etag_matches(header: str | None, tag: str) -> bool:
+    """``If-None-Match`` against ``tag`` with the weak comparison of RFC 9110 13.1.2."""
+    if not header:
+        return False
+    if header.strip() == "*":
+        return True
+    return any(candidate.strip().removeprefix("W/") == tag for candidate in header.split(","))
 
 
 def compressed(body: bytes, accept_encoding: str | None) -> tuple[bytes, str | None]:

@@ -63,6 +63,7 @@ _FEED_BYTES = 1 << 20  # hand the parser at least this much per thread hop
 _QIDO_TTL = 60.0
 _CHUNK = 256 * 1024  # WADO-RS: bytes read per thread hop while streaming a file
 _HOST_RE = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,255}")  # X-Forwarded-Host: a host[:port]
+_BULK_PATH = re.compile(r"([0-9A-Fa-f]{8}/\d{1,6}/)*[0-9A-Fa-f]{8}")
 _PREFIX_RE = re.compile(r"(/[A-Za-z0-9._~\-]+)*")  # X-Forwarded-Prefix: path segments
 
 
@@ -194,9 +195,10 @@ class DicomWeb:
     async def retrieve(self, request: Request) -> Response:
         """WADO-RS retrieve of a study, series or instance (PS3.18 10.4.1.1.1)."""
         single = "sop" in request.path_params
-        choice = wado.choose_dicom(wado.parse_accept(request.headers.get("accept")),
-                                   single_allowed=single)
+        ranges = wado.parse_accept(request.headers.get("accept"))
         rows = await self._rows(request)
+        choice = wado.choose_dicom(ranges, single_allowed=single,
+                                   stored=frozenset(r.transfer_syntax_uid for r in rows))
         storage = self.runtime.storage
         if not choice.multipart:
             data, syntax = await asyncio.to_thread(self._instance_bytes, rows[0], choice)
@@ -259,11 +261,13 @@ class DicomWeb:
         base = self.base_url(request).encode()
         body = body.replace(b'"BulkDataURI":"studies/', b'"BulkDataURI":"' + base + b"/studies/")
         tag = wado.etag(body)
-        headers = {"ETag": tag, "Cache-Control": "no-cache", "Vary": "Accept-Encoding"}
-        if tag in request.headers.get("if-none-match", ""):
-            return Response(status_code=304, headers=headers)
         data, encoding = await asyncio.to_thread(
             wado.compressed, body, request.headers.get("accept-encoding"))
+        # a gzipped body is another representation: its validator is the weak form
+        headers = {"ETag": f"W/{tag}" if encoding else tag, "Cache-Control": "no-cache",
+                   "Vary": "Accept-Encoding"}
+        if wado.etag_matches(request.headers.get("if-none-match"), tag):
+            return Response(status_code=304, headers=headers)
         if encoding:
             headers["Content-Encoding"] = encoding
         return Response(data, media_type=DICOM_JSON, headers=headers)
@@ -298,7 +302,7 @@ class DicomWeb:
         except FileNotFoundError:
             raise NotFound("the instance's file is missing; the archive logged it") from None
         with fh:
-            ds, at = wado.read_file_header(fh)
+            ds, at, fh = wado.read_file_header(fh)
             layout = wado.pixel_layout(fh, ds, at)
             if layout is None:
                 raise NotFound("the instance has no pixel data")
@@ -330,13 +334,18 @@ class DicomWeb:
         return [(content_type, wado.decode_frame(data, n)) for n in numbers]
 
     async def bulkdata(self, request: Request) -> Response:
-        """WADO-RS bulk data (PS3.18 10.4.1.1.4) of the BulkDataURIs in our metadata."""
-        text = request.path_params["tag"]
-        if not re.fullmatch(r"[0-9A-Fa-f]{8}", text):
-            raise BadRequest(f"bulk data tag {text[:20]!r}: expected 8 hexadecimal digits")
-        tag = int(text, 16)
+        """WADO-RS bulk data (PS3.18 10.4.1.1.4): the targets of our BulkDataURIs,
+        ``{tag}`` or ``{sequence}/{item}/.../{tag}``. Uncompressed values come little
+        endian (8.7.3.3.1); encapsulated Pixel Data comes one part per frame in its
+        compressed media type."""
+        path = request.path_params["tag"]
+        if not _BULK_PATH.fullmatch(path):
+            raise BadRequest(f"bulk data path {path[:60]!r}: expected 8 hexadecimal digits "
+                             "(a tag), or sequence tag/item index/.../tag")
+        steps = path.split("/")
+        tags, items = [int(t, 16) for t in steps[0::2]], [int(i) for i in steps[1::2]]
         ranges = wado.parse_accept(request.headers.get("accept"))
-        single = any(r.mime == "application/octet-stream" for r in ranges[:1])
+        single = bool(ranges) and ranges[0].mime == "application/octet-stream"
         if not single and not any(r.mime in ("*/*", "multipart/*") or (
                 r.mime == "multipart/related" and (
                     r.inner in (None, "application/octet-stream") or r.inner_any))
@@ -344,41 +353,69 @@ class DicomWeb:
             raise NotAcceptable('bulk data is served as multipart/related; '
                                 'type="application/octet-stream" or application/octet-stream')
         row = (await self._rows(request))[0]
-        data = await asyncio.to_thread(self._bulk, row, tag)
+        parts = await asyncio.to_thread(self._bulk, row, tags, items, single)
         if single:
-            return _ranged(data, request.headers.get("range"))
+            if len(parts) != 1 or not parts[0][0].startswith("application/octet-stream"):
+                raise NotAcceptable("this bulk data is compressed pixel data: ask for "
+                                    'multipart/related; type="*/*"')
+            return _ranged(parts[0][1], request.headers.get("range"))
         boundary = wado.new_boundary()
-        body = (wado.part_head(boundary, "application/octet-stream") + data
-                + f"\r\n--{boundary}--\r\n".encode())
-        return Response(body, media_type=wado.multipart_type(
-            boundary, "application/octet-stream"))
+        body = b"".join(wado.part_head(boundary, content_type) + data + b"\r\n"
+                        for content_type, data in parts) + f"--{boundary}--\r\n".encode()
+        inner = parts[0][0].split(";")[0]
+        return Response(body, media_type=wado.multipart_type(boundary, inner))
 
-    def _bulk(self, row: InstanceRow, tag: int) -> bytes:
+    def _bulk(self, row: InstanceRow, tags: list[int], items: list[int],
+              decode: bool) -> list[tuple[str, bytes]]:
+        """The parts of a bulk data response; ``decode``: encapsulated Pixel Data is wanted
+        as uncompressed little endian bytes (single part application/octet-stream)."""
         try:
             fh = self.runtime.storage.open(row.file_path)
         except FileNotFoundError:
             raise NotFound("the instance's file is missing; the archive logged it") from None
+        octet = "application/octet-stream"
         with fh:
-            ds, at = wado.read_file_header(fh)
-            if tag in (0x7FE00010, 0x7FE00008, 0x7FE00009):
+            ds, at, fh = wado.read_file_header(fh)
+            big = wado.stored_syntax(ds) == "1.2.840.10008.1.2.2"
+            if len(tags) == 1 and tags[0] in (0x7FE00010, 0x7FE00008, 0x7FE00009):
                 layout = wado.pixel_layout(fh, ds, at)
                 if layout is None:
                     raise NotFound("the instance has no pixel data")
+                if layout.encapsulated and decode:
+                    fh.seek(0)
+                    data = fh.read()
+                    return [(octet, b"".join(wado.decode_frame(data, n)
+                                             for n in range(1, layout.frames + 1)))]
                 if layout.encapsulated:
-                    _, found = wado.fragments(fh, layout)
-                    out = b""
-                    for offset, length in found:
-                        fh.seek(offset)
-                        out += fh.read(length)
+                    kind = wado.FRAME_MEDIA_TYPES.get(layout.syntax, octet)
+                    out = []
+                    for frame in wado.frame_ranges(fh, layout,
+                                                   list(range(1, layout.frames + 1))):
+                        data = b""
+                        for offset, length in frame:
+                            fh.seek(offset)
+                            data += fh.read(length)
+                        out.append((f"{kind}; transfer-syntax={layout.syntax}", data))
                     return out
+                if big:
+                    fh.seek(0)
+                    full = pydicom.dcmread(fh)
+                    return [(octet, wado._little_endian_pixels(full))]
                 fh.seek(layout.value_start)
-                return fh.read(layout.length)
+                return [(octet, fh.read(layout.length))]
             fh.seek(0)
-            full = pydicom.dcmread(fh, stop_before_pixels=True)
-        for element in full.iterall():
-            if int(element.tag) == tag and isinstance(element.value, bytes):
-                return element.value
-        raise NotFound(f"the instance has no bulk data element {tag:08X}")
+            node: Any = pydicom.dcmread(fh, stop_before_pixels=True)
+        try:
+            for depth, tag in enumerate(tags):
+                element = node[tag]
+                if depth < len(items):
+                    node = element.value[items[depth]]
+        except (KeyError, IndexError, TypeError):
+            raise NotFound(f"the instance has no bulk data at {'/'.join(map(str, tags))}"
+                           ) from None
+        if not isinstance(element.value, bytes):
+            raise NotFound(f"element {tags[-1]:08X} holds no binary value")
+        return [(octet, wado.little_endian_value(element.value, element.VR, big))]
 
     async def rendered(self, request: Request) -> Response:
         """Rendered instance or frame, and thumbnails at every level (PS3.18 10.4.1.1.3,
@@ -435,7 +472,8 @@ def _frame_mode(ranges: list[wado.MediaRange], stored: str) -> tuple[str, str]:
             if syntax in (None, ExplicitVRLittleEndian):
                 return "native", ExplicitVRLittleEndian
         elif r.mime == "multipart/related" and stored_type and r.inner and \
-                wado._matches(r.inner, stored_type) and syntax in (None, wado.ANY, stored):
+                wado._matches(wado.MEDIA_ALIASES.get(r.inner, r.inner), stored_type) and \
+                syntax in (None, wado.ANY, stored):
             return "stored", stored
     raise NotAcceptable('frames are served as multipart/related; type="application/'
                         'octet-stream" (uncompressed) or in their stored compressed type '
@@ -492,8 +530,8 @@ def create_app(runtime: Runtime) -> Starlette:
               methods=["GET"]),
         Route("/studies/{study}/series/{series}/instances/{sop}/frames/{frames}", web.frames,
               methods=["GET"]),
-        Route("/studies/{study}/series/{series}/instances/{sop}/bulkdata/{tag}", web.bulkdata,
-              methods=["GET"]),
+        Route("/studies/{study}/series/{series}/instances/{sop}/bulkdata/{tag:path}",
+              web.bulkdata, methods=["GET"]),
         Route("/studies/{study}/thumbnail", web.rendered, methods=["GET"]),
         Route("/studies/{study}/series/{series}/thumbnail", web.rendered, methods=["GET"]),
     ]
