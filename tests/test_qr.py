@@ -33,6 +33,7 @@ from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
 )
 
 from tests.factories import ct_dataset, new_uid, write_part10
@@ -753,3 +754,84 @@ def test_patient_root_c_get_at_patient_level(archive: Archive, data: Data) -> No
     assert (final.Status, final.NumberOfCompletedSuboperations) == (SUCCESS, len(expected))
     assert sorted(received) == sorted(expected)
     assert all(received[sop][1] == data_set_bytes(path) for sop, path in expected.items())
+
+
+# -- refusals and partial failures ---------------------------------------------------------
+def test_retrieve_ae_title_of_a_tenant_answer_is_the_called_tenant_ae(
+        archive: Archive, data: Data) -> None:
+    found, status = pynetdicom_find(archive, _identifier(
+        "STUDY", StudyInstanceUID=data.cardio.uid, RetrieveAETitle=""), called_ae=CARDIO_AE)
+    assert status == SUCCESS
+    assert [str(f.RetrieveAETitle).strip() for f in found] == [CARDIO_AE]
+    found, _ = pynetdicom_find(archive, _identifier(
+        "STUDY", StudyInstanceUID=_study_uids(data, "S1")[0], RetrieveAETitle=""))
+    assert [str(f.RetrieveAETitle).strip() for f in found] == [ARCHIVE_AE]
+
+
+def test_study_root_has_no_patient_level(archive: Archive, data: Data) -> None:
+    found, status = pynetdicom_find(archive, _identifier("PATIENT", PatientID=""))
+    assert found == [] and status == 0xA900  # Identifier does not match SOP Class
+
+
+def test_c_get_without_the_unique_key_of_its_level_fails_and_sends_nothing(
+        archive: Archive, data: Data) -> None:
+    wildcard = _identifier("STUDY")
+    with pydicom.config.disable_value_validation():  # a wildcard is no valid UID value
+        wildcard.add_new(0x0020000D, "UI", "1.2.*")
+    for identifier in (_identifier("STUDY", PatientName="doe*"), wildcard,
+                       _identifier("FOO", StudyInstanceUID=_study_uids(data, "S1")[0])):
+        received, final = pynetdicom_get(archive, identifier)
+        assert received == {}
+        assert final.Status & 0xF000 in (0xA000, 0xC000), hex(final.Status)  # a failure
+
+
+def test_c_move_with_a_bad_identifier_fails_without_claiming_an_unknown_destination(
+        archive: Archive, destination: Destination, data: Data) -> None:
+    ae = AE(ae_title="PYMOVE")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate("127.0.0.1", archive.dimse_port, ae_title=ARCHIVE_AE)
+    assert assoc.is_established
+    try:
+        responses = [s for s, _ in assoc.send_c_move(
+            _identifier("FOO", StudyInstanceUID=_study_uids(data, "S1")[0]), DEST_AE,
+            StudyRootQueryRetrieveInformationModelMove)]
+    finally:
+        assoc.release()
+    final = responses[-1].Status
+    assert final != 0xA801 and final & 0xF000 in (0xA000, 0xC000), hex(final)
+
+
+def test_an_unreadable_file_fails_one_sub_operation_and_the_rest_is_delivered(
+        archive: Archive, data: Data) -> None:
+    study = data.cardio
+    stored = sorted((archive.data_dir / "storage" / CARDIO_TENANT / study.uid).rglob("*.dcm"))
+    assert len(stored) == len(study.files)
+    hidden = stored[0].with_suffix(".hidden")
+    stored[0].rename(hidden)
+    try:
+        ae = AE(ae_title="PYGET")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+        ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+        got: list[str] = []
+
+        def on_store(event: evt.Event) -> int:
+            got.append(str(event.request.AffectedSOPInstanceUID))
+            return 0x0000
+
+        assoc = ae.associate("127.0.0.1", archive.dimse_port, ae_title=CARDIO_AE,
+                             ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+        assert assoc.is_established
+        try:
+            responses = [s for s, _ in assoc.send_c_get(
+                _identifier("STUDY", StudyInstanceUID=study.uid),
+                StudyRootQueryRetrieveInformationModelGet)]
+        finally:
+            assoc.release()
+        final = responses[-1]
+        assert len(got) == len(study.files) - 1
+        assert final.NumberOfFailedSuboperations == 1
+        assert final.NumberOfCompletedSuboperations == len(study.files) - 1
+        assert final.Status in (0xB000, 0xA702)  # warning: some sub-operations failed
+    finally:
+        hidden.rename(stored[0])

@@ -43,6 +43,8 @@ _LEVELS: dict[str, Level] = {"PATIENT": "study", "STUDY": "study", "SERIES": "se
 _PATIENT_KEYS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex")
 _SKIP = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle"}
 _PENDING, _CANCELLED = 0xFF00, 0xFE00
+_UNIQUE_KEYS = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID",
+                "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}
 _IDENTIFIER_MISMATCH = 0xA900  # Identifier does not match SOP Class (PS3.4 C.4.1.1.4)
 _UNABLE = 0xC000  # Unable to process
 _MOVE_UNKNOWN = 0xA801  # Refused: Move Destination unknown (PS3.4 C.4.2.1.5)
@@ -69,14 +71,18 @@ class QueryRetrieve:
     def on_find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
         """C-FIND SCP (PS3.4 C.4.1): one pending response per match, then success."""
         identifier = event.identifier
+        limit = self.runtime.settings.scp.max_find_results
         try:
-            query, qr_level = self._query(event, identifier, self.runtime.settings.scp
-                                          .max_find_results)
+            query, qr_level = self._query(event, identifier, limit)
             rows = self._run(self.runtime.index.search(query))
         except DicomCloudError as exc:
             log.warning("C-FIND refused: %s", exc.message)
             yield (_IDENTIFIER_MISMATCH if exc.http_status == 400 else _UNABLE), None
             return
+        if len(rows) >= limit:
+            log.warning("C-FIND from %s: more than %d matches, only the first %d returned "
+                        "(scp.max_find_results)", event.assoc.requestor.ae_title, limit, limit)
+        retrieve_ae = self._retrieve_ae(event)
         if qr_level == "PATIENT":
             rows = list({(r.get("patient_id"), r.get("patient_name")): r
                          for r in rows}.values())
@@ -85,7 +91,7 @@ class QueryRetrieve:
             if event.is_cancelled:
                 yield _CANCELLED, None
                 return
-            yield _PENDING, self._answer(query, row, requested, qr_level)
+            yield _PENDING, self._answer(query, row, requested, qr_level, retrieve_ae)
 
     def _query(self, event: evt.Event, identifier: Dataset,
                limit: int) -> tuple[Query, str]:
@@ -93,6 +99,9 @@ class QueryRetrieve:
         if qr_level not in _LEVELS:
             raise _mismatch(f"Query/Retrieve Level {qr_level or '(missing)'!r} is not one of "
                             "PATIENT, STUDY, SERIES, IMAGE")
+        model = str(getattr(event.request, "AffectedSOPClassUID", "") or "")
+        if qr_level == "PATIENT" and model.startswith("1.2.840.10008.5.1.4.1.2.2."):
+            raise _mismatch("the Study Root model has no PATIENT level (PS3.4 C.6.2)")
         params: list[tuple[str, str]] = []
         for element in identifier:
             keyword = element.keyword
@@ -105,8 +114,14 @@ class QueryRetrieve:
                               default_limit=limit, max_limit=limit)
         return query, qr_level
 
+    def _retrieve_ae(self, event: evt.Event) -> str:
+        """The AE title to retrieve from: the called one when it selects a tenant."""
+        called = str(getattr(event.assoc.requestor.primitive, "called_ae_title", "")).strip()
+        settings = self.runtime.settings
+        return called if called.upper() in settings.scp.ae_tenants else settings.scp.ae_title
+
     def _answer(self, query: Query, row: dict[str, Any], requested: list[Any],
-                qr_level: str) -> Dataset:
+                qr_level: str, retrieve_ae: str) -> Dataset:
         values = to_json(query, row, "")
         out = Dataset()
         out.SpecificCharacterSet = "ISO_IR 192"  # index values are Unicode
@@ -121,14 +136,21 @@ class QueryRetrieve:
                 except (ValueError, TypeError, KeyError):
                     pass
             out.add_new(element.tag, element.VR or dictionary_VR(element.tag), None)
-        out.RetrieveAETitle = self.runtime.settings.scp.ae_title
+        out.RetrieveAETitle = retrieve_ae
         return out
 
     # -- C-MOVE / C-GET -----------------------------------------------------------------
     def _instances(self, event: evt.Event) -> list[InstanceRow]:
-        """Instances an identifier asks to retrieve (PS3.4 C.4.2.2.1: unique keys)."""
+        """Instances an identifier asks to retrieve. The unique key of the retrieve level
+        must be given, without wildcards (PS3.4 C.4.2.2.1, C.4.3.2.1); a list of UIDs is
+        allowed."""
         identifier = event.identifier
-        query, _ = self._query(event, identifier, 1_000_000)
+        query, qr_level = self._query(event, identifier, 1_000_000)
+        key = _UNIQUE_KEYS[qr_level]
+        value = _text(identifier.get(key))
+        if not value or "*" in value or "?" in value:
+            raise _mismatch(f"{key} is required, without wildcards, to retrieve at "
+                            f"{qr_level} level")
         found = self._run(self.runtime.index.search(query))
         rows: list[InstanceRow] = []
         seen: set[str] = set()
@@ -155,7 +177,9 @@ class QueryRetrieve:
                     ds = pydicom.dcmread(fh)
             except (OSError, ValueError) as exc:
                 log.error("retrieve: cannot read %s: %s", row.file_path, exc)
-                yield _UNABLE, None  # counts as a failed sub-operation
+                # pynetdicom counts a pending result that is not a data set as one failed
+                # sub-operation and goes on with the others (a failure status would end all)
+                yield _PENDING, f"unreadable {row.sop_uid}"  # type: ignore[misc]
                 continue
             yield _PENDING, ds
 
@@ -173,9 +197,10 @@ class QueryRetrieve:
         try:
             rows = self._instances(event)
         except DicomCloudError as exc:
+            # raised before the first yield: pynetdicom answers with a failure status
+            # (Unable to process), not "move destination unknown"
             log.warning("C-MOVE refused: %s", exc.message)
-            yield None, None
-            return
+            raise
         host, _, port = address.rpartition(":")
         yield host, int(port), {"contexts": _contexts(rows), "ae_title": title}
         yield len(rows)
@@ -187,8 +212,7 @@ class QueryRetrieve:
             rows = self._instances(event)
         except DicomCloudError as exc:
             log.warning("C-GET refused: %s", exc.message)
-            yield 0
-            return
+            raise  # before the first yield: pynetdicom answers a failure status
         yield len(rows)
         yield from self._datasets(event, rows)
 
