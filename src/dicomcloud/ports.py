@@ -148,9 +148,11 @@ class Index(AbstractAsyncContextManager["Index"], Protocol):
         """QIDO/C-FIND matches at ``query.level`` (PS3.18 10.6, PS3.4 C.2.2)."""
 
     async def instances(
-        self, tenant_id: str, study_uid: str, series_uid: str | None = None
+        self, tenant_id: str, study_uid: str, series_uid: str | None = None,
+        sop_uid: str | None = None,
     ) -> list[InstanceRow]:
-        """Instances of a study (or one series), ordered by series then instance number."""
+        """Instances of a study (or one series, or the one instance ``sop_uid`` of it),
+        ordered by series then instance number."""
 
     async def previous_path(self, tenant_id: str, sop_uid: str) -> str | None:
         """File path currently indexed for a SOP Instance UID."""

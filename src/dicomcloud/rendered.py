@@ -20,13 +20,16 @@ from typing import Any
 import numpy as np
 import pydicom
 from PIL import Image
+from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from dicomcloud.errors import BadRequest, NotAcceptable, NotFound
+from dicomcloud.header import read_header
 from dicomcloud.wado import MediaRange, _matches
 
 MEDIA_TYPES = ("image/jpeg", "image/png")
 THUMBNAIL_SIZE = 128
+_NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,61 @@ def choose_media(ranges: list[MediaRange]) -> str:
 
 def render(data: bytes, frame: int, params: RenderParams, media: str) -> bytes:
     """Frame ``frame`` (1-based) of a Part 10 file as an encoded image."""
+    fast = _native_grey(data, frame)
+    if fast is not None:
+        header, values = fast
+        image = Image.fromarray(_windowed(values, header, params.window), "L")
+    else:
+        image = _decoded(data, frame, params)
+    image = _viewport(image, params.viewport)
+    out = io.BytesIO()
+    if media == "image/png":
+        image.save(out, format="PNG")
+    else:
+        image.save(out, format="JPEG", quality=params.quality)
+    return out.getvalue()
+
+
+def _native_grey(data: bytes, frame: int) -> tuple[Dataset, np.ndarray] | None:
+    """Modality values of one frame of uncompressed little endian greyscale pixel data,
+    read straight from the bytes; None when pydicom's general path is needed."""
+    parsed = read_header(data)
+    if parsed is None:
+        return None
+    header, at = parsed
+    try:
+        syntax = str(header.file_meta.TransferSyntaxUID)
+        rows, columns = int(header.Rows), int(header.Columns)
+        bits, stored = int(header.BitsAllocated), int(header.get("BitsStored") or 0)
+        signed = int(header.get("PixelRepresentation") or 0) == 1
+        frames = int(header.get("NumberOfFrames") or 1)
+        samples = int(header.get("SamplesPerPixel") or 1)
+        slope = float(header.get("RescaleSlope") or 1)
+        intercept = float(header.get("RescaleIntercept") or 0)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if (syntax not in _NATIVE_LE or samples != 1 or bits not in (8, 16)
+            or (signed and stored != bits) or "ModalityLUTSequence" in header
+            or data[at:at + 4] != b"\xe0\x7f\x10\x00"):
+        return None
+    if not 1 <= frame <= frames:
+        raise NotFound(f"frame {frame} does not exist: the instance has {frames}")
+    start = at + (8 if syntax == "1.2.840.10008.1.2" else 12)
+    size = rows * columns * bits // 8
+    offset = start + (frame - 1) * size
+    if offset + size > len(data):
+        return None
+    dtype = {(8, False): "<u1", (8, True): "<i1", (16, False): "<u2", (16, True): "<i2"}
+    pixels = np.frombuffer(data, dtype=dtype[bits, signed], count=rows * columns,
+                           offset=offset).reshape(rows, columns)
+    values = pixels.astype(np.float32)
+    if slope != 1 or intercept != 0:
+        values = values * np.float32(slope) + np.float32(intercept)
+    return header, values
+
+
+def _decoded(data: bytes, frame: int, params: RenderParams) -> Image.Image:
+    """Any frame pydicom can decode (compressed, colour, big endian, ...)."""
     from pydicom.pixels.processing import apply_modality_lut
     from pydicom.pixels.utils import pixel_array
 
@@ -101,18 +159,10 @@ def render(data: bytes, frame: int, params: RenderParams, media: str) -> bytes:
         raise NotAcceptable(f"this image cannot be decoded for rendering ({exc})") from exc
     samples = int(header.get("SamplesPerPixel") or 1)
     if samples == 1:
-        values = np.asarray(apply_modality_lut(pixels, header), dtype=np.float64)
-        image = Image.fromarray(_windowed(values, header, params.window), "L")
-    else:
-        rgb = pixels if pixels.dtype == np.uint8 else _to_byte(pixels.astype(np.float64))
-        image = Image.fromarray(np.ascontiguousarray(rgb[..., :3]), "RGB")
-    image = _viewport(image, params.viewport)
-    out = io.BytesIO()
-    if media == "image/png":
-        image.save(out, format="PNG")
-    else:
-        image.save(out, format="JPEG", quality=params.quality)
-    return out.getvalue()
+        values = np.asarray(apply_modality_lut(pixels, header), dtype=np.float32)
+        return Image.fromarray(_windowed(values, header, params.window), "L")
+    rgb = pixels if pixels.dtype == np.uint8 else _to_byte(pixels.astype(np.float32))
+    return Image.fromarray(np.ascontiguousarray(rgb[..., :3]), "RGB")
 
 
 def _windowed(values: np.ndarray, header: pydicom.Dataset,

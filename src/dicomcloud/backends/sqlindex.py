@@ -177,12 +177,15 @@ class SqlIndex:
             raise BackendError(f"index query failed: {exc}") from exc
 
     async def instances(
-        self, tenant_id: str, study_uid: str, series_uid: str | None = None
+        self, tenant_id: str, study_uid: str, series_uid: str | None = None,
+        sop_uid: str | None = None,
     ) -> list[InstanceRow]:
         i = instance.c
         where = [i.tenant_id == tenant_id, i.study_uid == study_uid]
         if series_uid is not None:
             where.append(i.series_uid == series_uid)
+        if sop_uid is not None:
+            where.append(i.sop_uid == sop_uid)
         fields = [f.name for f in dataclasses.fields(InstanceRow)]
         stmt = (sa.select(*(instance.c[f] for f in fields)).where(*where)
                 .order_by(i.series_uid, i.instance_number, i.sop_uid))

@@ -62,6 +62,7 @@ DICOM_JSON = "application/dicom+json"
 _FEED_BYTES = 1 << 20  # hand the parser at least this much per thread hop
 _QIDO_TTL = 60.0
 _CHUNK = 256 * 1024  # WADO-RS: bytes read per thread hop while streaming a file
+_WHOLE_BYTES = 16 * 1024 * 1024  # a single instance up to this size is sent in one piece
 _HOST_RE = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,255}")  # X-Forwarded-Host: a host[:port]
 _BULK_PATH = re.compile(r"([0-9A-Fa-f]{8}/\d{1,6}/)*[0-9A-Fa-f]{8}")
 _PREFIX_RE = re.compile(r"(/[A-Za-z0-9._~\-]+)*")  # X-Forwarded-Prefix: path segments
@@ -184,9 +185,7 @@ class DicomWeb:
                 raise BadRequest(f"invalid UID in the path: {uid[:70]!r}")
         study, series, sop = uids
         assert study is not None
-        rows = await self.runtime.index.instances(self.tenant(request), study, series)
-        if sop is not None:
-            rows = [r for r in rows if r.sop_uid == sop]
+        rows = await self.runtime.index.instances(self.tenant(request), study, series, sop)
         if not rows:
             raise NotFound("no such " + ("instance" if sop else "series" if series
                                          else "study"))
@@ -204,6 +203,12 @@ class DicomWeb:
             data, syntax = await asyncio.to_thread(self._instance_bytes, rows[0], choice)
             return Response(data, media_type=f"application/dicom; transfer-syntax={syntax}")
         boundary = wado.new_boundary()
+        if len(rows) == 1 and rows[0].file_size <= _WHOLE_BYTES:  # one read, one response
+            data, syntax = await asyncio.to_thread(self._instance_bytes, rows[0], choice)
+            body = (wado.part_head(boundary, f"application/dicom; transfer-syntax={syntax}")
+                    + data + f"\r\n--{boundary}--\r\n".encode())
+            return Response(body, media_type=wado.multipart_type(
+                boundary, "application/dicom", choice.transfer_syntax))
 
         async def parts() -> AsyncIterator[bytes]:
             for row in rows:
