@@ -190,6 +190,24 @@ def read_file_header(fh: IO[bytes]) -> tuple[Dataset, int, IO[bytes]]:
     return ds, buffer.tell(), buffer
 
 
+def file_syntax(data: bytes) -> str:
+    """Transfer Syntax UID of a Part 10 file in memory, from its File Meta group."""
+    position = 132
+    while position + 8 <= len(data):
+        group, element, vr = struct.unpack_from("<HH2s", data, position)
+        if group != 2:
+            break
+        if vr in (b"OB", b"OW", b"UN", b"UT", b"SQ"):
+            length, header = struct.unpack_from("<I", data, position + 8)[0], 12
+        else:
+            length, header = struct.unpack_from("<H", data, position + 6)[0], 8
+        if element == 0x0010:
+            start = position + header
+            return data[start:start + length].rstrip(b"\x00 ").decode("ascii", "replace")
+        position += header + length
+    return ImplicitVRLittleEndian
+
+
 def stored_syntax(ds: Dataset) -> str:
     return str(ds.file_meta.get("TransferSyntaxUID", ImplicitVRLittleEndian))
 

@@ -23,8 +23,8 @@ import hashlib
 import logging
 import re
 import socket
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import orjson
 import pydicom
@@ -50,7 +50,7 @@ from dicomcloud.errors import (
     PayloadTooLarge,
 )
 from dicomcloud.ingest import Origin
-from dicomcloud.model import InstanceRow
+from dicomcloud.model import InstanceKey, InstanceRow
 from dicomcloud.qido import to_json
 from dicomcloud.query import Level, Query, parse_qido
 from dicomcloud.runtime import Runtime
@@ -62,7 +62,7 @@ DICOM_JSON = "application/dicom+json"
 _FEED_BYTES = 1 << 20  # hand the parser at least this much per thread hop
 _QIDO_TTL = 60.0
 _CHUNK = 256 * 1024  # WADO-RS: bytes read per thread hop while streaming a file
-_WHOLE_BYTES = 16 * 1024 * 1024  # a single instance up to this size is sent in one piece
+_T = TypeVar("_T")
 _HOST_RE = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,255}")  # X-Forwarded-Host: a host[:port]
 _BULK_PATH = re.compile(r"([0-9A-Fa-f]{8}/\d{1,6}/)*[0-9A-Fa-f]{8}")
 _PREFIX_RE = re.compile(r"(/[A-Za-z0-9._~\-]+)*")  # X-Forwarded-Prefix: path segments
@@ -191,24 +191,48 @@ class DicomWeb:
                                          else "study"))
         return rows
 
+    async def _instance_work(self, request: Request, work: Callable[[str], _T]) -> _T:
+        """Run ``work(file path)`` for the instance addressed by the path.
+
+        The file work starts on the layout path (PS3.18 URLs name the UIDs it is built
+        from) while the index is asked whether the instance exists and where its file is:
+        the two overlap. The early result is used only when the index confirms that path.
+        """
+        params = request.path_params
+        for uid in (params["study"], params["series"], params["sop"]):
+            if not is_valid_uid(uid):
+                raise BadRequest(f"invalid UID in the path: {uid[:70]!r}")
+        tenant = self.tenant(request)
+        path = InstanceKey(tenant, params["study"], params["series"], params["sop"]).relative_path
+        early = asyncio.ensure_future(asyncio.to_thread(work, path))
+        early.add_done_callback(_consume)
+        rows = await self.runtime.index.instances(tenant, params["study"], params["series"],
+                                                  params["sop"])
+        if not rows:
+            raise NotFound("no such instance")
+        if rows[0].file_path == path:
+            return await early
+        return await asyncio.to_thread(work, rows[0].file_path)
+
+    def _read(self, path: str) -> bytes:
+        try:
+            with self.runtime.storage.open(path) as fh:
+                return fh.read()
+        except FileNotFoundError:
+            raise NotFound("the instance's file is missing; the archive logged it") from None
+
     async def retrieve(self, request: Request) -> Response:
         """WADO-RS retrieve of a study, series or instance (PS3.18 10.4.1.1.1)."""
         single = "sop" in request.path_params
         ranges = wado.parse_accept(request.headers.get("accept"))
+        if single:
+            return await self._instance_work(
+                request, lambda path: self._retrieve_one(path, ranges))
         rows = await self._rows(request)
         choice = wado.choose_dicom(ranges, single_allowed=single,
                                    stored=frozenset(r.transfer_syntax_uid for r in rows))
         storage = self.runtime.storage
-        if not choice.multipart:
-            data, syntax = await asyncio.to_thread(self._instance_bytes, rows[0], choice)
-            return Response(data, media_type=f"application/dicom; transfer-syntax={syntax}")
         boundary = wado.new_boundary()
-        if len(rows) == 1 and rows[0].file_size <= _WHOLE_BYTES:  # one read, one response
-            data, syntax = await asyncio.to_thread(self._instance_bytes, rows[0], choice)
-            body = (wado.part_head(boundary, f"application/dicom; transfer-syntax={syntax}")
-                    + data + f"\r\n--{boundary}--\r\n".encode())
-            return Response(body, media_type=wado.multipart_type(
-                boundary, "application/dicom", choice.transfer_syntax))
 
         async def parts() -> AsyncIterator[bytes]:
             for row in rows:
@@ -235,6 +259,22 @@ class DicomWeb:
             yield f"--{boundary}--\r\n".encode()
 
         return StreamingResponse(parts(), media_type=wado.multipart_type(
+            boundary, "application/dicom", choice.transfer_syntax))
+
+    def _retrieve_one(self, path: str, ranges: list[wado.MediaRange]) -> Response:
+        """One instance, in one piece (single part or a one-part multipart)."""
+        data = self._read(path)
+        stored = wado.file_syntax(data)
+        choice = wado.choose_dicom(ranges, single_allowed=True, stored=frozenset({stored}))
+        syntax = stored
+        if choice.transfer_syntax not in (wado.ANY, stored):
+            data, syntax = wado.transcode(data, choice.transfer_syntax)
+        if not choice.multipart:
+            return Response(data, media_type=f"application/dicom; transfer-syntax={syntax}")
+        boundary = wado.new_boundary()
+        body = (wado.part_head(boundary, f"application/dicom; transfer-syntax={syntax}")
+                + data + f"\r\n--{boundary}--\r\n".encode())
+        return Response(body, media_type=wado.multipart_type(
             boundary, "application/dicom", choice.transfer_syntax))
 
     def _instance_bytes(self, row: InstanceRow, choice: wado.Choice) -> tuple[bytes, str]:
@@ -291,23 +331,24 @@ class DicomWeb:
         """WADO-RS frames (PS3.18 10.4.1.1.3), cut from the file by offset or fragment."""
         numbers = wado.parse_frame_list(request.path_params["frames"])
         ranges = wado.parse_accept(request.headers.get("accept"))
-        row = (await self._rows(request))[0]
-        mode, syntax = _frame_mode(ranges, row.transfer_syntax_uid)
-        parts = await asyncio.to_thread(self._frames, row, numbers, mode, syntax)
+        syntax, parts = await self._instance_work(
+            request, lambda path: self._frames(path, numbers, ranges))
         boundary = wado.new_boundary()
         body = b"".join(wado.part_head(boundary, content_type) + data + b"\r\n"
                         for content_type, data in parts) + f"--{boundary}--\r\n".encode()
         inner = parts[0][0].split(";")[0]
         return Response(body, media_type=wado.multipart_type(boundary, inner, syntax))
 
-    def _frames(self, row: InstanceRow, numbers: list[int], mode: str,
-                syntax: str) -> list[tuple[str, bytes]]:
+    def _frames(self, path: str, numbers: list[int],
+                ranges: list[wado.MediaRange]) -> tuple[str, list[tuple[str, bytes]]]:
+        """The transfer syntax label and the parts (content type, bytes) of the frames."""
         try:
-            fh = self.runtime.storage.open(row.file_path)
+            fh = self.runtime.storage.open(path)
         except FileNotFoundError:
             raise NotFound("the instance's file is missing; the archive logged it") from None
         with fh:
             ds, at, fh = wado.read_file_header(fh)
+            mode, syntax = _frame_mode(ranges, wado.stored_syntax(ds))
             layout = wado.pixel_layout(fh, ds, at)
             if layout is None:
                 raise NotFound("the instance has no pixel data")
@@ -328,7 +369,7 @@ class DicomWeb:
                         fh.seek(offset)
                         data += fh.read(length)
                     out.append((content_type, data))
-                return out
+                return syntax, out
             for n in numbers:
                 if not 1 <= n <= layout.frames:
                     raise NotFound(f"frame {n} does not exist: the instance has "
@@ -336,7 +377,7 @@ class DicomWeb:
             fh.seek(0)
             data = fh.read()
         content_type = f"application/octet-stream; transfer-syntax={syntax}"
-        return [(content_type, wado.decode_frame(data, n)) for n in numbers]
+        return syntax, [(content_type, wado.decode_frame(data, n)) for n in numbers]
 
     async def bulkdata(self, request: Request) -> Response:
         """WADO-RS bulk data (PS3.18 10.4.1.1.4): the targets of our BulkDataURIs,
@@ -357,8 +398,8 @@ class DicomWeb:
                 for r in ranges):
             raise NotAcceptable('bulk data is served as multipart/related; '
                                 'type="application/octet-stream" or application/octet-stream')
-        row = (await self._rows(request))[0]
-        parts = await asyncio.to_thread(self._bulk, row, tags, items, single)
+        parts = await self._instance_work(
+            request, lambda path: self._bulk(path, tags, items, single))
         if single:
             if len(parts) != 1 or not parts[0][0].startswith("application/octet-stream"):
                 raise NotAcceptable("this bulk data is compressed pixel data: ask for "
@@ -370,12 +411,12 @@ class DicomWeb:
         inner = parts[0][0].split(";")[0]
         return Response(body, media_type=wado.multipart_type(boundary, inner))
 
-    def _bulk(self, row: InstanceRow, tags: list[int], items: list[int],
+    def _bulk(self, path: str, tags: list[int], items: list[int],
               decode: bool) -> list[tuple[str, bytes]]:
         """The parts of a bulk data response; ``decode``: encapsulated Pixel Data is wanted
         as uncompressed little endian bytes (single part application/octet-stream)."""
         try:
-            fh = self.runtime.storage.open(row.file_path)
+            fh = self.runtime.storage.open(path)
         except FileNotFoundError:
             raise NotFound("the instance's file is missing; the archive logged it") from None
         octet = "application/octet-stream"
@@ -427,23 +468,23 @@ class DicomWeb:
         10.4.1.1.5); JPEG unless PNG is asked for."""
         params = render.parse_params(list(request.query_params.multi_items()))
         media = render.choose_media(wado.parse_accept(request.headers.get("accept")))
-        rows = await self._rows(request)
         frame = 1
         if "frames" in request.path_params:
             numbers = wado.parse_frame_list(request.path_params["frames"])
             if len(numbers) != 1:
                 raise BadRequest("rendered and thumbnail frames: one frame per request")
             frame = numbers[0]
-        if request.url.path.endswith("/thumbnail"):
-            if params.viewport is None:
-                params = dataclasses.replace(
-                    params, viewport=(render.THUMBNAIL_SIZE, render.THUMBNAIL_SIZE))
-            images = [r for r in rows if "Image" in UID(r.sop_class_uid).name] or rows
-            row = images[len(images) // 2] if len(rows) > 1 else rows[0]
-        else:
-            row = rows[0]
-        data, _ = await asyncio.to_thread(self._instance_bytes, row, wado.Choice(
-            False, wado.ANY, "application/dicom"))
+        if request.url.path.endswith("/thumbnail") and params.viewport is None:
+            params = dataclasses.replace(
+                params, viewport=(render.THUMBNAIL_SIZE, render.THUMBNAIL_SIZE))
+        if "sop" in request.path_params:
+            image = await self._instance_work(request, lambda path: render.render(
+                self._read(path), frame, params, media))
+            return Response(image, media_type=media)
+        rows = await self._rows(request)  # a study or series thumbnail: a middle image
+        images = [r for r in rows if "Image" in UID(r.sop_class_uid).name] or rows
+        row = images[len(images) // 2]
+        data = await asyncio.to_thread(self._read, row.file_path)
         image = await asyncio.to_thread(render.render, data, frame, params, media)
         return Response(image, media_type=media)
 
@@ -460,6 +501,12 @@ class DicomWeb:
         if reasons := self.runtime.not_ready():
             return _error(503, "not ready: " + "; ".join(reasons))
         return JSONResponse({"status": "ready", "roles": list(self.settings.roles)})
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned early result's exception, so that asyncio does not log it."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _frame_mode(ranges: list[wado.MediaRange], stored: str) -> tuple[str, str]:
