@@ -13,14 +13,25 @@ from tests.support import SampleFile, valid_testdata
 
 
 def _reference(path: Any) -> dict[str, Any]:
-    """pydicom's own to_json_dict with the same BulkDataURI rule."""
+    """pydicom's own to_json_dict with the same BulkDataURI rule: ``.../bulkdata/{tag}``
+    at the top, ``.../bulkdata/{sequence}/{item}/{tag}`` inside sequences."""
     ds = pydicom.dcmread(path, stop_before_pixels=True)
     base = (f"studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
-            f"/instances/{ds.SOPInstanceUID}")
-    return dict(ds.to_json_dict(
-        bulk_data_threshold=BULK_THRESHOLD,
-        bulk_data_element_handler=lambda e: f"{base}/bulkdata/{int(e.tag):08X}",
-        suppress_invalid_tags=True))
+            f"/instances/{ds.SOPInstanceUID}/bulkdata/")
+    doc = dict(ds.to_json_dict(bulk_data_threshold=BULK_THRESHOLD,
+                               bulk_data_element_handler=lambda e: "placeholder",
+                               suppress_invalid_tags=True))
+    _place_uris(doc, base)
+    return doc
+
+
+def _place_uris(doc: dict[str, Any], prefix: str) -> None:
+    for key, value in doc.items():
+        if "BulkDataURI" in value:
+            value["BulkDataURI"] = f"{prefix}{key}"
+        if value.get("vr") == "SQ":
+            for index, item in enumerate(value.get("Value", [])):
+                _place_uris(item, f"{prefix}{key}/{index}/")
 
 
 def _without_ours(doc: dict[str, Any]) -> dict[str, Any]:
