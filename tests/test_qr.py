@@ -477,6 +477,15 @@ def test_modalities_in_study_matches_studies_with_a_series_of_that_modality(
         == _study_uids(data, "S1", "S2")
 
 
+def test_several_modalities_in_study_match_studies_holding_any_of_them(
+        archive: Archive, data: Data, tmp_path: Path) -> None:
+    assert _studies_found(archive, tmp_path, "ModalitiesInStudy=CT\\MR") \
+        == _study_uids(data, "S1", "S2", "S3")
+    assert _studies_found(archive, tmp_path, "ModalitiesInStudy=US\\MR") \
+        == _study_uids(data, "S2", "S3")
+    assert _studies_found(archive, tmp_path, "ModalitiesInStudy=US\\XA") == []
+
+
 def test_key_the_index_cannot_match_is_returned_empty_and_does_not_filter(
         archive: Archive, data: Data, tmp_path: Path) -> None:
     found = findscu(archive, ["QueryRetrieveLevel=STUDY", "StudyInstanceUID",

@@ -185,6 +185,11 @@ def _parse_match(name: str, value: str, level: Level) -> Match | None:
             if not is_valid_uid(uid):
                 raise BadRequest(f"{name}: {uid[:70]!r} is not a valid UID")
         return Match(attribute, "list" if len(uids) > 1 else "single", uids)
+    if attribute.keyword == "ModalitiesInStudy" and ("," in value or "\\" in value):
+        # several modalities: a study matches when it holds any of them (PS3.4 C.2.2.2.1,
+        # multi-valued key; backslash in DIMSE, comma in QIDO-RS)
+        codes = tuple(v.strip() for v in re.split(r"[,\\]", value) if v.strip())
+        return Match(attribute, "list", codes) if codes else None
     if attribute.vr in _RANGE_VRS and "-" in value:
         lo, _, hi = value.partition("-")
         for part in (lo, hi):

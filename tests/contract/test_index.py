@@ -196,6 +196,15 @@ async def test_search_single_value(index: SqlIndex,
     assert await index.search(query("study", ("PatientID", "id-xyz"))) == []  # LO: exact
 
 
+async def test_search_modalities_in_study_list_matches_any(
+        index: SqlIndex, three_studies: dict[str, dict[str, str]]) -> None:
+    rows = await index.search(query("study", ("ModalitiesInStudy", "MR,US")))
+    assert column(rows, "study_uid") == [three_studies["abcd"]["study"]]
+    rows = await index.search(query("study", ("ModalitiesInStudy", "CT\\MR")))
+    assert len(rows) == 3
+    assert await index.search(query("study", ("ModalitiesInStudy", "US,XA"))) == []
+
+
 async def test_search_uid_list(index: SqlIndex,
                                three_studies: dict[str, dict[str, str]]) -> None:
     wanted = {three_studies["abc"]["study"], three_studies["xyz"]["study"]}
