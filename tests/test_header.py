@@ -159,3 +159,20 @@ def test_generated_ct_header_reads_the_same(tmp_path: Path) -> None:
     assert result is not None and reference is not None
     assert result[1] == reference[1]
     _same(result[0], reference[0])
+
+
+def test_a_malformed_character_set_is_left_to_pydicom_never_an_unexpected_error() -> None:
+    from dicomcloud.errors import InvalidInstance
+    from dicomcloud.ingest import inspect
+
+    data = _file(ExplicitVRLittleEndian)
+    at = data.index(b"\x08\x00\x16\x00")  # (0008,0016) SOP Class UID, the first element
+    bad = data[:at] + b"\x08\x00\x05\x00US\x02\x00\x01\x00" + data[at:]  # (0008,0005) as US
+    assert read_header(bad) is None  # declined, not raised
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns and falls back to the default set
+        try:
+            ds = inspect(io.BytesIO(bad), len(bad), head=bad)
+        except InvalidInstance:
+            return  # refused with a DIMSE status: fine
+    assert ds.SOPInstanceUID == "1.2.3.4"  # or accepted, read by pydicom

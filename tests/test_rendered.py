@@ -159,3 +159,11 @@ def test_forwarded_headers_are_ignored_unless_trusted(archive_factory) -> None:
     studies = httpx.get(f"{plain.base}/dicomweb/studies", headers={
         "X-Forwarded-Proto": "https", "X-Forwarded-Host": "pacs.example.org"}).json()
     assert studies[0]["00081190"]["Value"][0].startswith(f"{plain.base}/dicomweb/")
+
+
+def test_viewport_region_is_clipped_to_the_image_and_negative_is_400(archive: Archive) -> None:
+    clipped = image(httpx.get(url(archive, "CT_small.dcm",
+                                  "/rendered?viewport=64,64,0,0,20000,20000")))
+    assert clipped.size == (64, 64)
+    negative = httpx.get(url(archive, "CT_small.dcm", "/rendered?viewport=64,64,-5,0,10,10"))
+    assert negative.status_code == 400

@@ -893,3 +893,29 @@ def test_malformed_accept_is_400(archive: Archive, files: dict[str, SampleFile])
             assert response.status_code == 400, (suffix, bad, response.text)
     response = _get(_url(archive, f, "study"), f"{DEFAULT_DICOM}; q=abc")
     assert response.status_code == 400
+
+
+# -- limits on hostile requests ------------------------------------------------------------
+def test_repeated_frame_numbers_are_sent_once(archive: Archive,
+                                              files: dict[str, SampleFile]) -> None:
+    f = files["CT_small.dcm"]
+    response = _get(_url(archive, f) + "/frames/" + ",".join(["1"] * 2000),
+                    'multipart/related; type="application/octet-stream"')
+    assert response.status_code == 200
+    assert len(_parts(response)) == 1
+
+
+def test_an_oversized_accept_header_is_400_not_a_stall(archive: Archive,
+                                                       files: dict[str, SampleFile]) -> None:
+    f = files["CT_small.dcm"]
+    response = _get(_url(archive, f), "," * 6000 + '"')
+    assert response.status_code == 400
+    assert "Accept" in response.json()["message"]
+
+
+def test_a_range_with_absurdly_many_digits_is_400(archive: Archive,
+                                                  files: dict[str, SampleFile]) -> None:
+    f = files["CT_small.dcm"]
+    response = _get(_url(archive, f) + "/bulkdata/7FE00010", "application/octet-stream",
+                    Range="bytes=" + "9" * 5000 + "-")
+    assert response.status_code == 400

@@ -72,14 +72,14 @@ def read_header(data: bytes, *, whole: bool = True,
                                        sequences=sequences)
         if not whole and position >= len(data):
             return None
-    except (_Unusual, struct.error, UnicodeDecodeError):
+        charset = elements.get(BaseTag(0x00080005))
+        encoding = convert_encodings(convert_raw_data_element(charset).value) \
+            if charset is not None else "iso8859"
+    except Exception:  # malformed in a way pydicom reports better (e.g. the character set)
         return None
     ds = FileDataset("", Dataset(cast(_Elements, elements)), preamble=data[:128],
                      file_meta=FileMetaDataset(cast(_Elements, meta)), is_implicit_VR=implicit,
                      is_little_endian=True)
-    charset = elements.get(BaseTag(0x00080005))
-    encoding = convert_encodings(convert_raw_data_element(charset).value) \
-        if charset is not None else "iso8859"
     ds.set_original_encoding(implicit, True, encoding)
     return ds, position
 

@@ -113,8 +113,8 @@ def inspect(fp: IO[bytes], size: int, *, expect_sop_uid: str | None = None,
     ``fp`` also reads): the header is then read by ``header.read_header``, pydicom taking
     over when that declines.
     """
-    fast = read_header(head, whole=len(head) >= size) if head is not None else None
     try:
+        fast = read_header(head, whole=len(head) >= size) if head is not None else None
         if fast is not None:
             ds, pixel_at = fast
         else:

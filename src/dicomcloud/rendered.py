@@ -65,7 +65,7 @@ def parse_params(items: list[tuple[str, str]]) -> RenderParams:
                 raise BadRequest(f"viewport={value[:40]!r}: expected vw,vh[,sx,sy,sw,sh]") \
                     from None
             if len(numbers) not in (2, 6) or not 0 < numbers[0] <= 4096 or \
-                    not 0 < numbers[1] <= 4096:
+                    not 0 < numbers[1] <= 4096 or any(n < 0 for n in numbers[2:]):
                 raise BadRequest(f"viewport={value[:40]!r}: vw,vh between 1 and 4096, "
                                  "optionally followed by sx,sy,sw,sh")
             viewport = numbers
@@ -214,8 +214,10 @@ def _viewport(image: Image.Image, viewport: tuple[int, ...] | None) -> Image.Ima
         return image
     if len(viewport) == 6:
         sx, sy, sw, sh = viewport[2:]
-        if sw > 0 and sh > 0:
-            image = image.crop((sx, sy, sx + sw, sy + sh))
+        # the source region, clipped to the image (it may not reach outside it)
+        right, bottom = min(sx + sw, image.width), min(sy + sh, image.height)
+        if sw > 0 and sh > 0 and sx < right and sy < bottom:
+            image = image.crop((sx, sy, right, bottom))
     vw, vh = viewport[:2]
     scale = min(vw / image.width, vh / image.height)
     size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))

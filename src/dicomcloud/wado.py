@@ -93,6 +93,7 @@ class MediaRange:
         return self.params.get("transfer-syntax")
 
 
+_MAX_ACCEPT = 4096
 _SPLIT = re.compile(r',(?=(?:[^"]*"[^"]*")*[^"]*$)')
 _PARAM = re.compile(r';(?=(?:[^"]*"[^"]*")*[^"]*$)')
 
@@ -101,6 +102,8 @@ def parse_accept(value: str | None) -> list[MediaRange]:
     """Media ranges of ``Accept``, best first (stable for equal q); ``*/*`` when absent."""
     if value is None or not value.strip():
         return [MediaRange("*/*")]
+    if len(value) > _MAX_ACCEPT:
+        raise BadRequest(f"Accept header of {len(value)} characters; at most {_MAX_ACCEPT}")
     ranges = []
     for part in _SPLIT.split(value):
         if not part.strip():
@@ -358,7 +361,9 @@ def fragments(fh: IO[bytes], layout: PixelLayout) -> tuple[list[int], list[tuple
         if tag != _ITEM:
             raise NotFound("corrupt encapsulated pixel data")
         if first:
-            table = list(struct.unpack(f"<{length // 4}I", fh.read(length))) if length else []
+            raw = fh.read(length)
+            usable = len(raw) - len(raw) % 4  # a malformed table: its whole entries only
+            table = list(struct.unpack(f"<{usable // 4}I", raw[:usable])) if usable else []
             first = False
         else:
             found.append((position + 8, length))
@@ -395,7 +400,7 @@ def parse_frame_list(text: str) -> list[int]:
         raise BadRequest(f"frame list {text[:60]!r}: expected numbers like 1,3,5") from None
     if not numbers or any(n < 1 for n in numbers):
         raise BadRequest("frame numbers start at 1")
-    return numbers
+    return list(dict.fromkeys(numbers))  # each frame once, in the order asked
 
 
 def decode_frame(data: bytes, number: int) -> bytes:

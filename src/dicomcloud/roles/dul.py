@@ -221,6 +221,10 @@ def _ui(value: str) -> bytes:
     return raw + b"\x00" if len(raw) % 2 else raw
 
 
+def _even(raw: bytes) -> bytes:
+    return raw + b"\x00" if len(raw) % 2 else raw
+
+
 def _lo(value: str) -> bytes:
     raw = value.encode("ascii", "replace")[:64]
     return raw + b" " if len(raw) % 2 else raw
@@ -242,14 +246,14 @@ def response(command: dict[int, bytes], status: int, comment: str | None = None)
     """The response command set to ``command`` (PS3.7 9.3.1.2 C-STORE-RSP, 9.3.5.2 C-ECHO-RSP)."""
     field_ = command_us(command, 0x00000100) | 0x8000
     elements = []
-    if 0x00000002 in command:
-        elements.append((0x00000002, _ui(command_uid(command, 0x00000002))))
+    if 0x00000002 in command:  # the UIDs are echoed as received, whatever they hold
+        elements.append((0x00000002, _even(command[0x00000002])))
     elements += [(0x00000100, _us(field_)),
                  (0x00000120, _us(command_us(command, 0x00000110))),
                  (0x00000800, _us(NO_DATA_SET)),
                  (0x00000900, _us(status))]
     if 0x00001000 in command:
-        elements.append((0x00001000, _ui(command_uid(command, 0x00001000))))
+        elements.append((0x00001000, _even(command[0x00001000])))
     if comment and status not in (0x0000,):
         elements.append((0x00000902, _lo(comment)))  # Error Comment (PS3.7 C.4.2.1.4)
     return encode_command(sorted(elements))

@@ -156,11 +156,10 @@ class QueryRetrieve:
         seen: set[str] = set()
         for match in found:
             study, series = match.get("study_uid"), match.get("series_uid")
-            for row in self._run(self.runtime.index.instances(query.tenant_id, study,
-                                                              series if query.level != "study"
-                                                              else None)):
-                if query.level == "instance" and row.sop_uid != match.get("sop_uid"):
-                    continue
+            rows_of = self.runtime.index.instances(
+                query.tenant_id, study, series if query.level != "study" else None,
+                match.get("sop_uid") if query.level == "instance" else None)
+            for row in self._run(rows_of):
                 if row.sop_uid not in seen:
                     seen.add(row.sop_uid)
                     rows.append(row)
@@ -175,7 +174,7 @@ class QueryRetrieve:
             try:
                 with self.runtime.storage.open(row.file_path) as fh:
                     ds = pydicom.dcmread(fh)
-            except (OSError, ValueError) as exc:
+            except Exception as exc:  # unreadable, corrupt: this sub-operation fails
                 log.error("retrieve: cannot read %s: %s", row.file_path, exc)
                 # pynetdicom counts a pending result that is not a data set as one failed
                 # sub-operation and goes on with the others (a failure status would end all)
@@ -187,8 +186,8 @@ class QueryRetrieve:
         """C-MOVE SCP (PS3.4 C.4.2): destination, sub-operation count, then datasets."""
         destination = event.move_destination
         title = (destination.decode("ascii", "replace") if isinstance(destination, bytes)
-                 else str(destination)).strip().upper()
-        address = self.runtime.settings.scp.move_destinations.get(title)
+                 else str(destination)).strip()
+        address = self.runtime.settings.scp.move_destinations.get(title.upper())
         if address is None:
             log.warning("C-MOVE to unknown destination %r (add it to scp.move_destinations)",
                         title)

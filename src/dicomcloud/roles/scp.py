@@ -43,6 +43,7 @@ from dicomcloud.ingest import (
 from dicomcloud.roles import dul, qr
 from dicomcloud.roles.qr import QueryRetrieve
 from dicomcloud.runtime import Runtime
+from dicomcloud.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,11 @@ class StoreService:
         settings = self.runtime.settings
         tenant = settings.tenant_for_called_ae(request.called_title) or settings.default_tenant
         origin = Origin(tenant, request.calling_title or None, address)
+        for label, uid in (("Affected SOP Class", sop_class), ("Affected SOP Instance", sop_uid)):
+            if not is_valid_uid(uid):
+                log.warning("C-STORE from %s refused (0xA900): invalid %s UID %r",
+                            origin.source_ae, label, uid[:64])
+                return 0xA900, f"invalid {label} UID in the request"
         return self.store(transfer_syntax, sop_class, sop_uid, data, origin)
 
     def store(self, transfer_syntax: str, sop_class: str, sop_uid: str,

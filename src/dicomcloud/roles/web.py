@@ -248,7 +248,13 @@ class DicomWeb:
                         finally:
                             fh.close()
                     else:
-                        data, syntax = await asyncio.to_thread(self._instance_bytes, row, choice)
+                        try:
+                            data, syntax = await asyncio.to_thread(self._instance_bytes, row,
+                                                                   choice)
+                        except DicomCloudError as exc:  # the status is sent: skip this one
+                            log.error("WADO: %s left out of a retrieve: %s", row.file_path,
+                                      exc.message)
+                            continue
                         yield wado.part_head(boundary,
                                              f"application/dicom; transfer-syntax={syntax}")
                         yield data
@@ -537,7 +543,7 @@ def _ranged(data: bytes, header: str | None) -> Response:
     if not header:
         return Response(data, media_type="application/octet-stream",
                         headers={"Accept-Ranges": "bytes"})
-    match = re.fullmatch(r"\s*bytes=(\d*)-(\d*)\s*", header)
+    match = re.fullmatch(r"\s*bytes=(\d{0,18})-(\d{0,18})\s*", header)
     if not match or match.groups() == ("", ""):
         raise BadRequest(f"Range {header[:60]!r}: only one bytes=first-last range is served")
     first, last = match.groups()
