@@ -982,3 +982,33 @@ def test_c_find_rq_on_a_storage_context_gets_status_0211_and_the_association_goe
     assert rsp.ErrorComment
     assert (stored.CommandField, stored.MessageIDBeingRespondedTo, stored.Status) == (
         0x8001, 12, 0)
+
+
+def test_c_store_with_a_non_ascii_sop_instance_uid_is_refused_a900_and_the_association_goes_on(
+        archive: Archive) -> None:
+    rq = associate_rq([(1, CTImageStorage, [ExplicitVRLittleEndian])])
+    ds = make_ct()
+    data = encode(ds, False, True)
+    command = dul.encode_command([
+        (0x00000002, CTImageStorage.encode() + (b"\x00" if len(CTImageStorage) % 2 else b"")),
+        (0x00000100, struct.pack("<H", dul.C_STORE_RQ)),
+        (0x00000110, struct.pack("<H", 21)),
+        (0x00000700, struct.pack("<H", 0)),
+        (0x00000800, struct.pack("<H", 0x0000)),
+        (0x00001000, b"1.2.3\xe9"),
+    ])
+    pdus = (_p_data(1, 0x03, command) + _p_data(1, 0x02, data))
+    with RawPeer(archive) as peer:
+        peer.associate(rq)
+        peer.send(pdus)
+        _, refused = peer.read_command()
+        peer.send(b"".join(message_pdus(store_message(ds, message_id=22), context_id=1)))
+        _, stored = peer.read_command()
+        peer.release()
+    assert (refused.MessageIDBeingRespondedTo, refused.Status) == (21, 0xA900)
+    assert (stored.MessageIDBeingRespondedTo, stored.Status) == (22, 0)
+
+
+def _p_data(context_id: int, control: int, value: bytes) -> bytes:
+    pdv = struct.pack(">IBB", len(value) + 2, context_id, control) + value
+    return struct.pack(">BxI", dul.P_DATA_TF, len(pdv)) + pdv
