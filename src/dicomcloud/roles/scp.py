@@ -1,4 +1,5 @@
-"""Role ``scp``: DICOM Upper Layer server for C-ECHO and C-STORE.
+"""Role ``scp``: DICOM Upper Layer server for C-ECHO, C-STORE and (``qr.py``) C-FIND,
+C-MOVE and C-GET.
 
 Each association runs in its own thread. Associations that propose only Verification and
 Storage SOP classes are served by the lean acceptor of ``dul.py``; any other is handed to
