@@ -61,7 +61,8 @@ log = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
 _FEED_BYTES = 1 << 20  # hand the parser at least this much per thread hop
 _QIDO_TTL = 60.0
-_CHUNK = 256 * 1024  # WADO-RS: bytes read per thread hop while streaming a file
+_CHUNK = 256 * 1024  # WADO-RS: bytes read per thread hop while streaming a large file
+_WHOLE = 4 * 1024 * 1024  # files up to this size are read in one piece
 _T = TypeVar("_T")
 _HOST_RE = re.compile(r"[A-Za-z0-9.\-\[\]:]{1,255}")  # X-Forwarded-Host: a host[:port]
 _BULK_PATH = re.compile(r"([0-9A-Fa-f]{8}/\d{1,6}/)*[0-9A-Fa-f]{8}")
@@ -214,6 +215,10 @@ class DicomWeb:
             return await early
         return await asyncio.to_thread(work, rows[0].file_path)
 
+    def _read_file(self, path: str) -> bytes:
+        with self.runtime.storage.open(path) as fh:
+            return fh.read()
+
     def _read(self, path: str) -> bytes:
         try:
             with self.runtime.storage.open(path) as fh:
@@ -238,7 +243,11 @@ class DicomWeb:
             for row in rows:
                 as_stored = choice.transfer_syntax in (wado.ANY, row.transfer_syntax_uid)
                 try:
-                    if as_stored:
+                    if as_stored and row.file_size <= _WHOLE:  # one thread hop per file
+                        data = await asyncio.to_thread(self._read_file, row.file_path)
+                        yield wado.part_head(boundary, "application/dicom; transfer-syntax="
+                                             + row.transfer_syntax_uid) + data
+                    elif as_stored:  # large files in pieces: never a whole one in memory
                         fh = await asyncio.to_thread(storage.open, row.file_path)
                         try:
                             yield wado.part_head(boundary, "application/dicom; transfer-syntax="
