@@ -46,7 +46,7 @@ def test_dimse_file_reads_back_with_the_data_set_unchanged() -> None:
     ds.SOPClassUID, ds.SOPInstanceUID, ds.PatientName = CT, "1.2.3.4", "DOE^JANE"
     ds.save_as(dataset, implicit_vr=False, little_endian=True, enforce_file_format=False)
     raw = dataset.getvalue()
-    data = dimse_file_bytes(raw, EXPLICIT_LE, CT, "1.2.3.4", "SCU")
+    data = dimse_file_bytes([raw], EXPLICIT_LE, CT, "1.2.3.4", "SCU")
     read = pydicom.dcmread(io.BytesIO(data))
     assert read.file_meta.SourceApplicationEntityTitle == "SCU"
     assert read.PatientName == "DOE^JANE"

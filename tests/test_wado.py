@@ -38,7 +38,6 @@ from pydicom.filereader import read_dataset, read_preamble
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from dicomcloud.dicomjson import instance_json
-from dicomcloud.wado import resolve_bulk
 from tests.support import (
     Archive,
     SampleFile,
@@ -167,6 +166,23 @@ def _wait_indexed(archive: Archive, items: list[SampleFile]) -> None:
     wait_until(lambda: all(len(rows) == 1 for rows in
                            find_instances(archive, [i.sop_uid for i in items]).values()),
                timeout=30, message="instances indexed")
+
+
+def resolve_bulk(document: Any, base: str) -> Any:
+    """The relative BulkDataURIs of a stored metadata document made absolute (in place):
+    what the archive answers for a request whose DICOMweb root is ``base``."""
+    if isinstance(document, list):
+        for item in document:
+            resolve_bulk(item, base)
+    elif isinstance(document, dict):
+        for value in document.values():
+            if isinstance(value, dict):
+                uri = value.get("BulkDataURI")
+                if isinstance(uri, str) and not uri.startswith(("http://", "https://")):
+                    value["BulkDataURI"] = f"{base}/{uri}"
+                for item in value.get("Value", ()) if value.get("vr") == "SQ" else ():
+                    resolve_bulk(item, base)
+    return document
 
 
 def _url(archive: Archive, f: SampleFile, level: str = "instance") -> str:

@@ -21,11 +21,10 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from dicomcloud.header import read_header
+from dicomcloud.header import read_open_file
 
 #: Binary values whose base64 form is longer than this become BulkDataURIs.
 BULK_THRESHOLD = 1024
-_HEAD_BYTES = 64 * 1024
 _PIXEL_VR = {"PixelData": "OW", "FloatPixelData": "OF", "DoubleFloatPixelData": "OD"}
 
 
@@ -37,14 +36,8 @@ def instance_base(study_uid: str, series_uid: str, sop_uid: str) -> str:
 def instance_json(fp: IO[bytes]) -> dict[str, Any]:
     """DICOM JSON of one Part 10 file, read without its pixel data (by ``header.py`` when
     it can give every element, else by pydicom)."""
-    head = fp.read(_HEAD_BYTES)
-    fast = read_header(head, whole=len(head) < _HEAD_BYTES, sequences=True)
-    if fast is not None:
-        ds: Dataset = fast[0]
-        fp.seek(fast[1])
-    else:
-        fp.seek(0)
-        ds = pydicom.dcmread(fp, stop_before_pixels=True)
+    ds, pixels_at = read_open_file(fp, sequences=True)
+    fp.seek(pixels_at)
     base = instance_base(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
                          str(ds.SOPInstanceUID))
     if ds.file_meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:

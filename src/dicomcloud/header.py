@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import struct
 from collections.abc import MutableMapping
-from typing import cast
+from typing import IO, cast
 
+import pydicom
 from pydicom.charset import convert_encodings
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
@@ -32,9 +33,14 @@ _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR
 _VRS = _LONG_VRS | {b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FL", b"FD", b"IS",
                     b"LO", b"LT", b"PN", b"SH", b"SL", b"SS", b"ST", b"TM", b"UI", b"UL",
                     b"US"}
-_PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
+#: Pixel Data, Float Pixel Data, Double Float Pixel Data (PS3.5 A.1)
+PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+#: Item and Sequence Delimitation Item tags (PS3.5 7.5)
+ITEM, SEQUENCE_END = 0xFFFEE000, 0xFFFEE0DD
+#: Bytes read at once to find a header: nearly every header ends before this
+HEAD_BYTES = 64 * 1024
 _UNDEFINED = 0xFFFFFFFF
-_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_ITEM_END = 0xFFFEE00D
 _TAG_LENGTH = struct.Struct("<HHI")
 _EXPLICIT_SHORT = struct.Struct("<HH2sH")
 _Elements = MutableMapping[BaseTag, DataElement | RawDataElement]
@@ -84,6 +90,18 @@ def read_header(data: bytes, *, whole: bool = True,
     return ds, position
 
 
+def read_open_file(fh: IO[bytes], *, sequences: bool = False) -> tuple[Dataset, int]:
+    """The header of an open Part 10 file and the offset where its Pixel Data (or end)
+    begins: its first ``HEAD_BYTES`` by ``read_header``, else the file by pydicom."""
+    head = fh.read(HEAD_BYTES)
+    fast = read_header(head, whole=len(head) < HEAD_BYTES, sequences=sequences)
+    if fast is not None:
+        return fast
+    fh.seek(0)
+    ds = pydicom.dcmread(fh, stop_before_pixels=True)
+    return ds, fh.tell()
+
+
 def _elements(data: bytes, position: int, *, implicit: bool, meta: bool,
               sequences: bool = False) -> tuple[dict[BaseTag, RawDataElement], int]:
     """Top-level elements from ``position``: the File Meta group (``meta``), or the data
@@ -91,7 +109,7 @@ def _elements(data: bytes, position: int, *, implicit: bool, meta: bool,
     out: dict[BaseTag, RawDataElement] = {}
     end = len(data)
     unpack, unpack_short = _TAG_LENGTH.unpack_from, _EXPLICIT_SHORT.unpack_from
-    long_vrs, vrs, pixel_tags = _LONG_VRS, _VRS, _PIXEL_TAGS
+    long_vrs, vrs, pixel_tags = _LONG_VRS, _VRS, PIXEL_TAGS
     while position < end:
         if position + 8 > end:
             raise _Unusual("element header cut short")
@@ -139,9 +157,9 @@ def _skip_items(buf: bytes, position: int, implicit: bool) -> int:
         group, element, length = _TAG_LENGTH.unpack_from(buf, position)
         tag = group << 16 | element
         position += 8
-        if tag == _SEQ_END:
+        if tag == SEQUENCE_END:
             return position
-        if tag != _ITEM:
+        if tag != ITEM:
             raise _Unusual("sequence holds something other than items")
         if length == _UNDEFINED:
             position = _skip_item_elements(buf, position, implicit)

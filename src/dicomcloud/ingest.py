@@ -22,7 +22,7 @@ import logging
 import struct
 import uuid
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import IO
 
@@ -33,7 +33,7 @@ from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 
 from dicomcloud import __version__
 from dicomcloud.errors import CannotUnderstand, DataSetMismatch, InvalidInstance
-from dicomcloud.header import read_header
+from dicomcloud.header import HEAD_BYTES, ITEM, PIXEL_TAGS, SEQUENCE_END, read_header
 from dicomcloud.model import InstanceKey, StoredObject, body, fmt_datetime, utcnow
 from dicomcloud.ports import Outgoing, Queue, StagedFile, Storage
 from dicomcloud.uids import is_valid_uid, uid_hash
@@ -44,9 +44,6 @@ _SYNC_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_pr
 # A UUID-derived UID (PS3.5 B.2, root 2.25): needs no registration.
 IMPLEMENTATION_CLASS_UID = UID("2.25.133501381975903227923581599138899895490")
 IMPLEMENTATION_VERSION = f"DICOMCLOUD_{__version__}"[:16]
-_PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}  # Pixel, Float, Double Float Pixel Data
-_ITEM, _SEQ_END = 0xFFFEE000, 0xFFFEE0DD
-_HEAD_BYTES = 64 * 1024  # read at once: nearly every header ends before this
 
 
 @dataclass(frozen=True)
@@ -94,10 +91,12 @@ def file_meta_bytes(transfer_syntax: str, sop_class: str, sop_instance: str,
     return b"\x00" * 128 + b"DICM" + length + body
 
 
-def dimse_file_bytes(dataset: bytes, transfer_syntax: str, sop_class: str,
-                     sop_instance: str, source_ae: str | None) -> bytes:
-    """A Part 10 file (PS3.10 7.1) around a data set received over DIMSE, bytes unchanged."""
-    return file_meta_bytes(transfer_syntax, sop_class, sop_instance, source_ae) + dataset
+def dimse_file_bytes(dataset: Sequence[bytes | memoryview], transfer_syntax: str,
+                     sop_class: str, sop_instance: str, source_ae: str | None) -> bytes:
+    """A Part 10 file (PS3.10 7.1) around a data set received over DIMSE (in the fragments
+    it arrived in), bytes unchanged: one copy."""
+    meta = file_meta_bytes(transfer_syntax, sop_class, sop_instance, source_ae)
+    return b"".join([meta, *dataset])
 
 
 def inspect(fp: IO[bytes], size: int, *, expect_sop_uid: str | None = None,
@@ -173,7 +172,7 @@ def _check_pixel_data(fp: IO[bytes], size: int, at: int, ds: Dataset) -> None:
     fp.seek(at)
     head = fp.read(12)
     tag = _tag(head, endian) if len(head) >= 8 else None
-    if tag not in _PIXEL_TAGS:
+    if tag not in PIXEL_TAGS:
         if _is_image_class(ds):
             raise DataSetMismatch(f"{UID(str(ds.SOPClassUID)).name} without Pixel Data")
         return
@@ -208,11 +207,11 @@ def _walk_fragments(fp: IO[bytes], position: int, size: int, endian: str) -> Non
             raise CannotUnderstand("truncated: encapsulated Pixel Data has no end delimiter")
         tag = _tag(head, endian)
         length = struct.unpack(endian + "I", head[4:8])[0]
-        if tag == _SEQ_END:
+        if tag == SEQUENCE_END:
             if fragments < 2:  # the Basic Offset Table item plus at least one fragment
                 raise DataSetMismatch("encapsulated Pixel Data holds no fragment")
             return
-        if tag != _ITEM or position + 8 + length > size:
+        if tag != ITEM or position + 8 + length > size:
             raise CannotUnderstand("truncated or corrupt encapsulated Pixel Data")
         fragments += 1
         position += 8 + length
@@ -336,7 +335,7 @@ class Ingestor:
         try:
             staged.flush()  # the tail may still sit in the write buffer
             with open(staged.path, "rb") as fh:
-                return inspect(fh, staged.size, head=fh.read(_HEAD_BYTES))
+                return inspect(fh, staged.size, head=fh.read(HEAD_BYTES))
         except BaseException:
             self.storage.discard(staged)
             raise

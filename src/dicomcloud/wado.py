@@ -20,18 +20,15 @@ Media ranges are tried in order of their q-values; 406 when none can be produced
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import re
 import struct
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-import orjson
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -41,16 +38,12 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 
-from dicomcloud.dicomjson import instance_json
 from dicomcloud.errors import BadRequest, NotAcceptable, NotFound
-from dicomcloud.header import read_header
+from dicomcloud.header import ITEM, PIXEL_TAGS, SEQUENCE_END, read_open_file
 from dicomcloud.ingest import file_meta_bytes
 
 ANY = "*"
-_HEAD_BYTES = 64 * 1024
 _CHUNK = 256 * 1024
-_PIXEL_TAGS = {0x7FE00010, 0x7FE00008, 0x7FE00009}
-_ITEM, _SEQ_END = 0xFFFEE000, 0xFFFEE0DD
 _UNCOMPRESSED = {ImplicitVRLittleEndian, ExplicitVRLittleEndian}
 #: Lossless compressed syntaxes produced on request: RLE, JPEG-LS and JPEG 2000 lossless.
 LOSSLESS_TARGETS = {"1.2.840.10008.1.2.5", "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90"}
@@ -168,14 +161,9 @@ def read_file_header(fh: IO[bytes]) -> tuple[Dataset, int, IO[bytes]]:
     """Header of an open Part 10 file, the offset of its pixel data (or end), and the file
     to read pixels from: ``fh`` itself, or for a deflated file (PS3.5 A.5) an inflated copy
     in memory, relabelled Explicit VR Little Endian."""
-    head = fh.read(_HEAD_BYTES)
-    fast = read_header(head, whole=len(head) < _HEAD_BYTES)
-    if fast is not None:
-        return fast[0], fast[1], fh
-    fh.seek(0)
-    ds = pydicom.dcmread(fh, stop_before_pixels=True)
+    ds, at = read_open_file(fh)
     if stored_syntax(ds) != DeflatedExplicitVRLittleEndian:
-        return ds, fh.tell(), fh
+        return ds, at, fh
     fh.seek(0)
     raw = fh.read()
     meta_length = struct.unpack("<I", raw[140:144])[0] if raw[132:136] == b"\x02\x00\x00\x00" \
@@ -186,11 +174,8 @@ def read_file_header(fh: IO[bytes]) -> tuple[Dataset, int, IO[bytes]]:
     rebuilt = file_meta_bytes(ExplicitVRLittleEndian, str(ds.file_meta.MediaStorageSOPClassUID),
                               str(ds.file_meta.MediaStorageSOPInstanceUID), None) + inflated
     buffer = io.BytesIO(rebuilt)
-    again = read_header(rebuilt)
-    if again is not None:
-        return again[0], again[1], buffer
-    ds = pydicom.dcmread(buffer, stop_before_pixels=True)
-    return ds, buffer.tell(), buffer
+    ds, at = read_open_file(buffer)
+    return ds, at, buffer
 
 
 def file_syntax(data: bytes) -> str:
@@ -269,19 +254,12 @@ def _little_endian_pixels(ds: Dataset) -> bytes:
     array = pixel_array(ds, raw=True)
     if "PlanarConfiguration" in ds:
         ds.PlanarConfiguration = 0
+    return _little_endian_bytes(array)
+
+
+def _little_endian_bytes(array: Any) -> bytes:
+    """A decoded pixel array as little endian bytes, whatever the machine's byte order."""
     return bytes(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
-
-
-def iter_file(fh: IO[bytes], start: int = 0, end: int | None = None) -> Iterator[bytes]:
-    fh.seek(start)
-    remaining = None if end is None else end - start
-    while remaining is None or remaining > 0:
-        chunk = fh.read(_CHUNK if remaining is None else min(_CHUNK, remaining))
-        if not chunk:
-            return
-        if remaining is not None:
-            remaining -= len(chunk)
-        yield chunk
 
 
 # -- multipart -------------------------------------------------------------------------
@@ -324,7 +302,7 @@ def pixel_layout(fh: IO[bytes], ds: Dataset, at: int) -> PixelLayout | None:
     big = syntax == "1.2.840.10008.1.2.2"
     endian = ">" if big else "<"
     group, element = struct.unpack(endian + "HH", head[:4])
-    if (group << 16 | element) not in _PIXEL_TAGS:
+    if (group << 16 | element) not in PIXEL_TAGS:
         return None
     if syntax == ImplicitVRLittleEndian:
         length, start = struct.unpack("<I", head[4:8])[0], at + 8
@@ -356,9 +334,9 @@ def fragments(fh: IO[bytes], layout: PixelLayout) -> tuple[list[int], list[tuple
             raise NotFound("encapsulated pixel data has no end")
         group, element, length = struct.unpack("<HHI", head)
         tag = group << 16 | element
-        if tag == _SEQ_END:
+        if tag == SEQUENCE_END:
             return table, found
-        if tag != _ITEM:
+        if tag != ITEM:
             raise NotFound("corrupt encapsulated pixel data")
         if first:
             raw = fh.read(length)
@@ -393,6 +371,15 @@ def frame_ranges(fh: IO[bytes], layout: PixelLayout, numbers: list[int]) -> list
     raise NotAcceptable("fragments cannot be matched to frames (no Basic Offset Table)")
 
 
+def read_pieces(fh: IO[bytes], pieces: list[tuple[int, int]]) -> bytes:
+    """The bytes of (offset, length) pieces of a file, joined: one frame."""
+    out = bytearray()
+    for offset, length in pieces:
+        fh.seek(offset)
+        out += fh.read(length)
+    return bytes(out)
+
+
 def parse_frame_list(text: str) -> list[int]:
     try:
         numbers = [int(p) for p in text.split(",")]
@@ -411,7 +398,7 @@ def decode_frame(data: bytes, number: int) -> bytes:
         array = pixel_array(io.BytesIO(data), index=number - 1, raw=True)
     except Exception as exc:
         raise NotAcceptable("cannot decode this frame; ask for transfer-syntax=*") from exc
-    return bytes(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+    return _little_endian_bytes(array)
 
 
 # -- metadata --------------------------------------------------------------------------
@@ -428,38 +415,6 @@ def etag_matches(header: str | None, tag: str) -> bool:
     return any(candidate.strip().removeprefix("W/") == tag for candidate in header.split(","))
 
 
-def compressed(body: bytes, accept_encoding: str | None) -> tuple[bytes, str | None]:
-    """``body`` gzipped when the client accepts it (and it is worth it)."""
-    if len(body) > 1024 and accept_encoding and "gzip" in accept_encoding.lower():
-        return gzip.compress(body, compresslevel=4), "gzip"
-    return body, None
-
-
-def live_metadata(files: list[IO[bytes]]) -> list[dict[str, Any]]:
-    return [instance_json(fh) for fh in files]
-
-
-def resolve_bulk(document: Any, base: str) -> Any:
-    """Make the relative BulkDataURIs of a metadata document absolute (in place)."""
-    if isinstance(document, list):
-        for item in document:
-            resolve_bulk(item, base)
-    elif isinstance(document, dict):
-        for value in document.values():
-            if isinstance(value, dict):
-                uri = value.get("BulkDataURI")
-                if isinstance(uri, str) and not uri.startswith(("http://", "https://")):
-                    value["BulkDataURI"] = f"{base}/{uri}"
-                for item in value.get("Value", ()) if value.get("vr") == "SQ" else ():
-                    resolve_bulk(item, base)
-    return document
-
-
-def absolute_metadata(body: bytes, base: str) -> bytes:
-    """A stored metadata document with absolute BulkDataURIs for this request's base."""
-    return orjson.dumps(resolve_bulk(orjson.loads(body), base))
-
-
-async def aiter_bytes(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
-    for chunk in chunks:
-        yield chunk
+def gzip_wanted(body: bytes, accept_encoding: str | None) -> bool:
+    """True when the client accepts gzip and ``body`` is worth compressing."""
+    return len(body) > 1024 and bool(accept_encoding) and "gzip" in str(accept_encoding).lower()

@@ -15,12 +15,9 @@ import asyncio
 import logging
 from typing import Any
 
-import pydicom
-from pydicom.dataset import Dataset
-
 from dicomcloud.errors import BackendError
 from dicomcloud.extract import indexed_instance, state_body
-from dicomcloud.header import read_header
+from dicomcloud.header import read_open_file
 from dicomcloud.model import IndexedInstance, StoredObject, body
 from dicomcloud.ports import Message, Outgoing
 from dicomcloud.runtime import Runtime
@@ -29,7 +26,6 @@ log = logging.getLogger(__name__)
 TOPIC = "storage_queue"
 DEAD_LETTER = "storage_queue.dlq"
 _FETCH_WAIT = 0.5
-_HEAD_BYTES = 64 * 1024
 
 
 class Consumer:
@@ -117,13 +113,7 @@ class Consumer:
     def _read(self, message: Message) -> IndexedInstance:
         event = StoredObject(**_fields(message.body))
         with self.runtime.storage.open(event.file_path) as fh:
-            head = fh.read(_HEAD_BYTES)  # headers nearly always fit: no need for the pixels
-            fast = read_header(head, whole=len(head) < _HEAD_BYTES)
-            if fast is not None:
-                ds: Dataset = fast[0]
-            else:
-                fh.seek(0)
-                ds = pydicom.dcmread(fh, stop_before_pixels=True)
+            ds, _ = read_open_file(fh)  # the header only: no need for the pixels
         return indexed_instance(ds, event)
 
 

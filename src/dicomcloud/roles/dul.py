@@ -216,11 +216,6 @@ def _us(value: int) -> bytes:
     return struct.pack("<H", value)
 
 
-def _ui(value: str) -> bytes:
-    raw = value.encode("ascii")
-    return raw + b"\x00" if len(raw) % 2 else raw
-
-
 def _even(raw: bytes) -> bytes:
     return raw + b"\x00" if len(raw) % 2 else raw
 

@@ -22,11 +22,12 @@ from typing import Any
 import pydicom
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import evt
 from pynetdicom.presentation import build_context
 
-from dicomcloud.errors import DicomCloudError
+from dicomcloud.errors import BadRequest, DicomCloudError
 from dicomcloud.model import InstanceRow
 from dicomcloud.qido import to_json
 from dicomcloud.query import ATTRIBUTES, Level, Query, parse_qido
@@ -97,11 +98,11 @@ class QueryRetrieve:
                limit: int) -> tuple[Query, str]:
         qr_level = str(identifier.get("QueryRetrieveLevel", "")).strip().upper()
         if qr_level not in _LEVELS:
-            raise _mismatch(f"Query/Retrieve Level {qr_level or '(missing)'!r} is not one of "
+            raise BadRequest(f"Query/Retrieve Level {qr_level or '(missing)'!r} is not one of "
                             "PATIENT, STUDY, SERIES, IMAGE")
         model = str(getattr(event.request, "AffectedSOPClassUID", "") or "")
         if qr_level == "PATIENT" and model.startswith("1.2.840.10008.5.1.4.1.2.2."):
-            raise _mismatch("the Study Root model has no PATIENT level (PS3.4 C.6.2)")
+            raise BadRequest("the Study Root model has no PATIENT level (PS3.4 C.6.2)")
         params: list[tuple[str, str]] = []
         for element in identifier:
             keyword = element.keyword
@@ -149,7 +150,7 @@ class QueryRetrieve:
         key = _UNIQUE_KEYS[qr_level]
         value = _text(identifier.get(key))
         if not value or "*" in value or "?" in value:
-            raise _mismatch(f"{key} is required, without wildcards, to retrieve at "
+            raise BadRequest(f"{key} is required, without wildcards, to retrieve at "
                             f"{qr_level} level")
         found = self._run(self.runtime.index.search(query))
         rows: list[InstanceRow] = []
@@ -216,17 +217,11 @@ class QueryRetrieve:
         yield from self._datasets(event, rows)
 
 
-def _mismatch(message: str) -> DicomCloudError:
-    from dicomcloud.errors import BadRequest
-
-    return BadRequest(message)
-
-
 def _text(value: Any) -> str:
     """A C-FIND key value in QIDO's textual form (UID lists comma-separated)."""
     if value is None:
         return ""
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+    if isinstance(value, MultiValue | list | tuple):
         return ",".join(str(v) for v in value)
     return str(value).strip()
 

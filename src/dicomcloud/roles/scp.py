@@ -39,10 +39,9 @@ from dicomcloud.ingest import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION,
     Origin,
-    file_meta_bytes,
+    dimse_file_bytes,
 )
 from dicomcloud.roles import dul, qr
-from dicomcloud.roles.qr import QueryRetrieve
 from dicomcloud.runtime import Runtime
 from dicomcloud.uids import is_valid_uid
 
@@ -96,7 +95,7 @@ class StoreService:
         self.loop = loop
 
     def handlers(self) -> list[evt.EventHandlerType]:
-        retrieve = QueryRetrieve(self.runtime, self.loop, lambda e: self.origin(e).tenant_id)
+        retrieve = qr.QueryRetrieve(self.runtime, self.loop, lambda e: self.origin(e).tenant_id)
         return [(evt.EVT_C_STORE, self.on_store), (evt.EVT_CONN_OPEN, self.on_open),
                 (evt.EVT_C_ECHO, self.on_echo), *retrieve.handlers()]
 
@@ -147,9 +146,8 @@ class StoreService:
         """Store one received data set; the DIMSE status and Error Comment to answer."""
         started = time.perf_counter()
         try:
-            meta = file_meta_bytes(transfer_syntax, sop_class, sop_uid, origin.source_ae)
-            stored = self.runtime.ingestor.store_bytes(b"".join([meta, *data]), origin,
-                                                       expect_sop_uid=sop_uid)
+            part10 = dimse_file_bytes(data, transfer_syntax, sop_class, sop_uid, origin.source_ae)
+            stored = self.runtime.ingestor.store_bytes(part10, origin, expect_sop_uid=sop_uid)
             self.runtime.ingestor.announce_from_thread([stored], self.loop, _ANNOUNCE_TIMEOUT)
         except InvalidInstance as exc:
             log.warning("C-STORE from %s refused (0x%04X) %s: %s", origin.source_ae,

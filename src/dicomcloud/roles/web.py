@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gzip
 import hashlib
 import logging
 import re
 import socket
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import orjson
 import pydicom
@@ -49,6 +50,7 @@ from dicomcloud.errors import (
     NotFound,
     PayloadTooLarge,
 )
+from dicomcloud.header import PIXEL_TAGS
 from dicomcloud.ingest import Origin
 from dicomcloud.model import InstanceKey, InstanceRow
 from dicomcloud.qido import to_json
@@ -177,8 +179,9 @@ class DicomWeb:
         return f"qido:{tenant}:{generation}:{level}:{digest}"
 
     # -- WADO-RS ------------------------------------------------------------------------
-    async def _rows(self, request: Request) -> list[InstanceRow]:
-        """Instances addressed by the path; 400 for a malformed UID, 404 for none."""
+    @staticmethod
+    def _path_uids(request: Request) -> tuple[str, str | None, str | None]:
+        """Study, series and SOP Instance UIDs of the path; 400 for a malformed one."""
         params = request.path_params
         uids = [params.get(k) for k in ("study", "series", "sop")]
         for uid in uids:
@@ -186,6 +189,11 @@ class DicomWeb:
                 raise BadRequest(f"invalid UID in the path: {uid[:70]!r}")
         study, series, sop = uids
         assert study is not None
+        return study, series, sop
+
+    async def _rows(self, request: Request) -> list[InstanceRow]:
+        """Instances addressed by the path; 400 for a malformed UID, 404 for none."""
+        study, series, sop = self._path_uids(request)
         rows = await self.runtime.index.instances(self.tenant(request), study, series, sop)
         if not rows:
             raise NotFound("no such " + ("instance" if sop else "series" if series
@@ -199,32 +207,30 @@ class DicomWeb:
         from) while the index is asked whether the instance exists and where its file is:
         the two overlap. The early result is used only when the index confirms that path.
         """
-        params = request.path_params
-        for uid in (params["study"], params["series"], params["sop"]):
-            if not is_valid_uid(uid):
-                raise BadRequest(f"invalid UID in the path: {uid[:70]!r}")
+        study, series, sop = self._path_uids(request)
+        assert series is not None and sop is not None
         tenant = self.tenant(request)
-        path = InstanceKey(tenant, params["study"], params["series"], params["sop"]).relative_path
+        path = InstanceKey(tenant, study, series, sop).relative_path
         early = asyncio.ensure_future(asyncio.to_thread(work, path))
         early.add_done_callback(_consume)
-        rows = await self.runtime.index.instances(tenant, params["study"], params["series"],
-                                                  params["sop"])
+        rows = await self.runtime.index.instances(tenant, study, series, sop)
         if not rows:
             raise NotFound("no such instance")
         if rows[0].file_path == path:
             return await early
         return await asyncio.to_thread(work, rows[0].file_path)
 
-    def _read_file(self, path: str) -> bytes:
-        with self.runtime.storage.open(path) as fh:
-            return fh.read()
+    def _open(self, path: str) -> IO[bytes]:
+        """A stored file; 404 when it is indexed but missing (logged)."""
+        try:
+            return self.runtime.storage.open(path)
+        except FileNotFoundError:
+            log.error("WADO: %s is indexed but missing on disk", path)
+            raise NotFound("the instance's file is missing; the archive logged it") from None
 
     def _read(self, path: str) -> bytes:
-        try:
-            with self.runtime.storage.open(path) as fh:
-                return fh.read()
-        except FileNotFoundError:
-            raise NotFound("the instance's file is missing; the archive logged it") from None
+        with self._open(path) as fh:
+            return fh.read()
 
     async def retrieve(self, request: Request) -> Response:
         """WADO-RS retrieve of a study, series or instance (PS3.18 10.4.1.1.1)."""
@@ -236,19 +242,18 @@ class DicomWeb:
         rows = await self._rows(request)
         choice = wado.choose_dicom(ranges, single_allowed=single,
                                    stored=frozenset(r.transfer_syntax_uid for r in rows))
-        storage = self.runtime.storage
         boundary = wado.new_boundary()
 
         async def parts() -> AsyncIterator[bytes]:
             for row in rows:
                 as_stored = choice.transfer_syntax in (wado.ANY, row.transfer_syntax_uid)
-                try:
+                try:  # the status is sent: an instance that fails is left out, and logged
                     if as_stored and row.file_size <= _WHOLE:  # one thread hop per file
-                        data = await asyncio.to_thread(self._read_file, row.file_path)
+                        data = await asyncio.to_thread(self._read, row.file_path)
                         yield wado.part_head(boundary, "application/dicom; transfer-syntax="
                                              + row.transfer_syntax_uid) + data
                     elif as_stored:  # large files in pieces: never a whole one in memory
-                        fh = await asyncio.to_thread(storage.open, row.file_path)
+                        fh = await asyncio.to_thread(self._open, row.file_path)
                         try:
                             yield wado.part_head(boundary, "application/dicom; transfer-syntax="
                                                  + row.transfer_syntax_uid)
@@ -257,18 +262,14 @@ class DicomWeb:
                         finally:
                             fh.close()
                     else:
-                        try:
-                            data, syntax = await asyncio.to_thread(self._instance_bytes, row,
-                                                                   choice)
-                        except DicomCloudError as exc:  # the status is sent: skip this one
-                            log.error("WADO: %s left out of a retrieve: %s", row.file_path,
-                                      exc.message)
-                            continue
+                        data, syntax = await asyncio.to_thread(self._instance_bytes, row,
+                                                               choice)
                         yield wado.part_head(boundary,
                                              f"application/dicom; transfer-syntax={syntax}")
                         yield data
-                except FileNotFoundError:
-                    log.error("WADO: %s is indexed but missing on disk", row.file_path)
+                except DicomCloudError as exc:
+                    log.error("WADO: %s left out of a retrieve: %s", row.file_path,
+                              exc.message)
                     continue
                 yield b"\r\n"
             yield f"--{boundary}--\r\n".encode()
@@ -284,21 +285,14 @@ class DicomWeb:
         syntax = stored
         if choice.transfer_syntax not in (wado.ANY, stored):
             data, syntax = wado.transcode(data, choice.transfer_syntax)
+        content_type = f"application/dicom; transfer-syntax={syntax}"
         if not choice.multipart:
-            return Response(data, media_type=f"application/dicom; transfer-syntax={syntax}")
-        boundary = wado.new_boundary()
-        body = (wado.part_head(boundary, f"application/dicom; transfer-syntax={syntax}")
-                + data + f"\r\n--{boundary}--\r\n".encode())
-        return Response(body, media_type=wado.multipart_type(
-            boundary, "application/dicom", choice.transfer_syntax))
+            return Response(data, media_type=content_type)
+        return _multipart([(content_type, data)], choice.transfer_syntax)
 
     def _instance_bytes(self, row: InstanceRow, choice: wado.Choice) -> tuple[bytes, str]:
         """The file of ``row`` in the chosen transfer syntax, and that syntax."""
-        try:
-            with self.runtime.storage.open(row.file_path) as fh:
-                data = fh.read()
-        except FileNotFoundError:
-            raise NotFound("the instance's file is missing; the archive logged it") from None
+        data = self._read(row.file_path)
         if choice.transfer_syntax in (wado.ANY, row.transfer_syntax_uid):
             return data, row.transfer_syntax_uid
         return wado.transcode(data, choice.transfer_syntax)
@@ -321,25 +315,26 @@ class DicomWeb:
         base = self.base_url(request).encode()
         body = body.replace(b'"BulkDataURI":"studies/', b'"BulkDataURI":"' + base + b"/studies/")
         tag = wado.etag(body)
-        data, encoding = await asyncio.to_thread(
-            wado.compressed, body, request.headers.get("accept-encoding"))
+        gzipped = wado.gzip_wanted(body, request.headers.get("accept-encoding"))
         # a gzipped body is another representation: its validator is the weak form
-        headers = {"ETag": f"W/{tag}" if encoding else tag, "Cache-Control": "no-cache",
+        headers = {"ETag": f"W/{tag}" if gzipped else tag, "Cache-Control": "no-cache",
                    "Vary": "Accept-Encoding"}
         if wado.etag_matches(request.headers.get("if-none-match"), tag):
-            return Response(status_code=304, headers=headers)
-        if encoding:
-            headers["Content-Encoding"] = encoding
-        return Response(data, media_type=DICOM_JSON, headers=headers)
+            return Response(status_code=304, headers=headers)  # nothing to compress
+        if gzipped:
+            body = await asyncio.to_thread(gzip.compress, body, 4)
+            headers["Content-Encoding"] = "gzip"
+        return Response(body, media_type=DICOM_JSON, headers=headers)
 
     def _live_metadata(self, rows: list[InstanceRow]) -> bytes:
         docs = []
         for row in rows:
             try:
-                with self.runtime.storage.open(row.file_path) as fh:
-                    docs.append(instance_json(fh))
-            except FileNotFoundError:
-                log.error("WADO: %s is indexed but missing on disk", row.file_path)
+                fh = self._open(row.file_path)
+            except NotFound:  # logged; the others are still described
+                continue
+            with fh:
+                docs.append(instance_json(fh))
         return orjson.dumps(docs)
 
     async def frames(self, request: Request) -> Response:
@@ -348,20 +343,12 @@ class DicomWeb:
         ranges = wado.parse_accept(request.headers.get("accept"))
         syntax, parts = await self._instance_work(
             request, lambda path: self._frames(path, numbers, ranges))
-        boundary = wado.new_boundary()
-        body = b"".join(wado.part_head(boundary, content_type) + data + b"\r\n"
-                        for content_type, data in parts) + f"--{boundary}--\r\n".encode()
-        inner = parts[0][0].split(";")[0]
-        return Response(body, media_type=wado.multipart_type(boundary, inner, syntax))
+        return _multipart(parts, syntax)
 
     def _frames(self, path: str, numbers: list[int],
                 ranges: list[wado.MediaRange]) -> tuple[str, list[tuple[str, bytes]]]:
         """The transfer syntax label and the parts (content type, bytes) of the frames."""
-        try:
-            fh = self.runtime.storage.open(path)
-        except FileNotFoundError:
-            raise NotFound("the instance's file is missing; the archive logged it") from None
-        with fh:
+        with self._open(path) as fh:
             ds, at, fh = wado.read_file_header(fh)
             mode, syntax = _frame_mode(ranges, wado.stored_syntax(ds))
             layout = wado.pixel_layout(fh, ds, at)
@@ -377,14 +364,8 @@ class DicomWeb:
                 else:
                     label = stored if mode == "stored" else syntax
                     content_type = f"application/octet-stream; transfer-syntax={label}"
-                out = []
-                for frame in pieces:
-                    data = b""
-                    for offset, length in frame:
-                        fh.seek(offset)
-                        data += fh.read(length)
-                    out.append((content_type, data))
-                return syntax, out
+                return syntax, [(content_type, wado.read_pieces(fh, frame))
+                                for frame in pieces]
             for n in numbers:
                 if not 1 <= n <= layout.frames:
                     raise NotFound(f"frame {n} does not exist: the instance has "
@@ -420,25 +401,17 @@ class DicomWeb:
                 raise NotAcceptable("this bulk data is compressed pixel data: ask for "
                                     'multipart/related; type="*/*"')
             return _ranged(parts[0][1], request.headers.get("range"))
-        boundary = wado.new_boundary()
-        body = b"".join(wado.part_head(boundary, content_type) + data + b"\r\n"
-                        for content_type, data in parts) + f"--{boundary}--\r\n".encode()
-        inner = parts[0][0].split(";")[0]
-        return Response(body, media_type=wado.multipart_type(boundary, inner))
+        return _multipart(parts)
 
     def _bulk(self, path: str, tags: list[int], items: list[int],
               decode: bool) -> list[tuple[str, bytes]]:
         """The parts of a bulk data response; ``decode``: encapsulated Pixel Data is wanted
         as uncompressed little endian bytes (single part application/octet-stream)."""
-        try:
-            fh = self.runtime.storage.open(path)
-        except FileNotFoundError:
-            raise NotFound("the instance's file is missing; the archive logged it") from None
         octet = "application/octet-stream"
-        with fh:
+        with self._open(path) as fh:
             ds, at, fh = wado.read_file_header(fh)
             big = wado.stored_syntax(ds) == "1.2.840.10008.1.2.2"
-            if len(tags) == 1 and tags[0] in (0x7FE00010, 0x7FE00008, 0x7FE00009):
+            if len(tags) == 1 and tags[0] in PIXEL_TAGS:
                 layout = wado.pixel_layout(fh, ds, at)
                 if layout is None:
                     raise NotFound("the instance has no pixel data")
@@ -449,15 +422,9 @@ class DicomWeb:
                                              for n in range(1, layout.frames + 1)))]
                 if layout.encapsulated:
                     kind = wado.FRAME_MEDIA_TYPES.get(layout.syntax, octet)
-                    out = []
-                    for frame in wado.frame_ranges(fh, layout,
-                                                   list(range(1, layout.frames + 1))):
-                        data = b""
-                        for offset, length in frame:
-                            fh.seek(offset)
-                            data += fh.read(length)
-                        out.append((f"{kind}; transfer-syntax={layout.syntax}", data))
-                    return out
+                    frames = wado.frame_ranges(fh, layout, list(range(1, layout.frames + 1)))
+                    return [(f"{kind}; transfer-syntax={layout.syntax}",
+                             wado.read_pieces(fh, frame)) for frame in frames]
                 if big:
                     fh.seek(0)
                     full = pydicom.dcmread(fh)
@@ -516,6 +483,16 @@ class DicomWeb:
         if reasons := self.runtime.not_ready():
             return _error(503, "not ready: " + "; ".join(reasons))
         return JSONResponse({"status": "ready", "roles": list(self.settings.roles)})
+
+
+def _multipart(parts: list[tuple[str, bytes]], syntax: str | None = None) -> Response:
+    """A ``multipart/related`` response of (content type, bytes) parts (PS3.18 8.6.1.2);
+    its ``type`` is the first part's media type."""
+    boundary = wado.new_boundary()
+    body = b"".join(wado.part_head(boundary, content_type) + data + b"\r\n"
+                    for content_type, data in parts) + f"--{boundary}--\r\n".encode()
+    return Response(body, media_type=wado.multipart_type(
+        boundary, parts[0][0].split(";")[0], syntax))
 
 
 def _consume(future: asyncio.Future[Any]) -> None:
