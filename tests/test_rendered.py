@@ -99,6 +99,45 @@ def test_thumbnails_at_every_level_fit_128_pixels(archive: Archive) -> None:
         assert max(image(httpx.get(target)).size) == 128, target
 
 
+def _image_parts(response: httpx.Response) -> list[tuple[str, bytes]]:
+    """(content type, body) of each part of a multipart/related response."""
+    assert response.status_code == 200, response.text
+    boundary = response.headers["content-type"].split("boundary=")[1].split(";")[0]
+    out = []
+    for chunk in response.content.split(b"--" + boundary.encode())[1:-1]:
+        head, body = chunk.split(b"\r\n\r\n", 1)
+        content_type = [line.split(b":", 1)[1].strip().decode() for line in
+                        head.split(b"\r\n") if line.lower().startswith(b"content-type")]
+        out.append((content_type[0], body[:-2]))
+    return out
+
+
+def test_rendered_series_and_study_are_one_image_part_per_instance(archive: Archive) -> None:
+    """PS3.18 10.4.1.1.3: a rendered series or study is multipart/related of the rendered
+    instances; the PNG of each part equals that instance's own rendered PNG."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"), stop_before_pixels=True)
+    study = f"{archive.base}/dicomweb/studies/{ds.StudyInstanceUID}"
+    series = f"{study}/series/{ds.SeriesInstanceUID}/rendered?window=40,400"
+    response = httpx.get(series)  # no Accept: JPEG
+    assert response.headers["content-type"].startswith('multipart/related; type="image/jpeg"')
+    ((kind, body),) = _image_parts(response)
+    assert kind == "image/jpeg"
+    assert Image.open(io.BytesIO(body)).size == (ds.Columns, ds.Rows)
+
+    png = _image_parts(httpx.get(series, headers={
+        "Accept": 'multipart/related; type="image/png"'}))
+    single = httpx.get(url(archive, "CT_small.dcm", "/rendered?window=40,400"),
+                       headers={"Accept": "image/png"})
+    assert png == [("image/png", single.content)]
+    in_study = [n for n in FILES if pydicom.dcmread(
+        get_testdata_file(n), stop_before_pixels=True).StudyInstanceUID == ds.StudyInstanceUID]
+    study_parts = _image_parts(httpx.get(f"{study}/rendered"))
+    assert len(study_parts) == len(in_study)
+    assert all(kind == "image/jpeg" for kind, _ in study_parts)
+    assert httpx.get(series, headers={"Accept": "image/gif"}).status_code == 406
+    assert httpx.get(f"{archive.base}/dicomweb/studies/1.2.3/rendered").status_code == 404
+
+
 @pytest.mark.parametrize("query", ["window=40", "window=a,b", "window=40,0",
                                    "window=40,400,cubic", "viewport=0,10", "viewport=1,2,3",
                                    "quality=0", "quality=abc", "colour=red"])

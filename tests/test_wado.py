@@ -15,16 +15,19 @@ metadata plus bulk data), bulk data values.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import http.client
 import io
 import os
+import sqlite3
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import brotli
 import httpx
 import numpy as np
 import orjson
@@ -43,6 +46,7 @@ from tests.support import (
     SampleFile,
     c_store,
     find_instances,
+    sample_file,
     valid_testdata,
     wait_until,
 )
@@ -632,6 +636,26 @@ def test_metadata_gzip_when_accepted_decompresses_to_the_plain_body(
     assert orjson.loads(plain.content)
 
 
+@pytest.mark.parametrize(("accept_encoding", "coding"), [
+    ("gzip, br", "br"), ("br;q=0.5, gzip", "gzip"), ("*", "br"), ("gzip;q=0, br;q=0", None),
+    ("identity", None), ("*;q=0, gzip", "gzip"), ("br;q=abc, gzip;q=0.1", "gzip"),
+    ("deflate", None)])
+def test_metadata_content_coding_follows_accept_encoding_weights(
+        archive: Archive, files: dict[str, SampleFile], accept_encoding: str,
+        coding: str | None) -> None:
+    """RFC 9110 12.5.3: highest q-value wins (Brotli on a tie), q=0 refuses, ``*`` is any
+    other coding; every coding decodes to the identity body."""
+    url = _url(archive, files["2062"], "study") + "/metadata"
+    plain = _get(url, DICOM_JSON, **{"Accept-Encoding": "identity"}).content
+    with httpx.stream("GET", url, headers={"Accept": DICOM_JSON,
+                                           "Accept-Encoding": accept_encoding}) as response:
+        raw = b"".join(response.iter_raw())
+        assert response.status_code == 200
+        assert response.headers.get("content-encoding") == coding
+    decoded = {None: lambda b: b, "gzip": gzip.decompress, "br": brotli.decompress}[coding]
+    assert decoded(raw) == plain
+
+
 def test_metadata_accepting_only_dicom_xml_is_406(
         archive: Archive, files: dict[str, SampleFile]) -> None:
     f = files["2062"]
@@ -699,6 +723,114 @@ def test_frames_with_any_transfer_syntax_are_the_stored_bytes(
         assert content_type.endswith(f"; transfer-syntax={syntax}")
         assert content_type.startswith("image/" if syntax.is_encapsulated
                                        else "application/octet-stream;")
+
+
+def _frame_offsets(archive: Archive, sop_uids: list[str]) -> dict[str, tuple[Any, Any]]:
+    with contextlib.closing(sqlite3.connect(archive.data_dir / "index.db")) as db:
+        marks = ",".join("?" * len(sop_uids))
+        return {sop: (offset, size) for sop, offset, size in db.execute(
+            f"SELECT sop_uid, pixel_offset, frame_size FROM dicom_instance "
+            f"WHERE sop_uid IN ({marks})", sop_uids)}
+
+
+def test_consumer_records_frame_offsets_only_for_native_little_endian_pixel_data(
+        archive: Archive, files: dict[str, SampleFile]) -> None:
+    native = ("CT_small.dcm", "MR_small_implicit.dcm", "emri_small.dcm")
+    other = ("emri_be", "emri_rle", "emri_j2k", "image_dfl.dcm", "waveform_ecg.dcm")
+    offsets = _frame_offsets(archive, [files[n].sop_uid for n in native + other])
+    for name in native:
+        original = pydicom.dcmread(files[name].path)
+        offset, size = offsets[files[name].sop_uid]
+        frames = int(original.get("NumberOfFrames") or 1)
+        assert size == len(original.PixelData) // frames, name
+        f = files[name]
+        stored = archive.stored_path("default", f.study_uid, f.series_uid, f.sop_uid
+                                     ).read_bytes()
+        assert stored[offset:offset + size * frames] == original.PixelData, name
+    for name in other:
+        assert offsets[files[name].sop_uid] == (None, None), name
+
+
+def test_frames_of_instances_indexed_without_offsets_are_read_through_the_header(
+        archive: Archive, files: dict[str, SampleFile]) -> None:
+    """Rows indexed before frame offsets were recorded (migration 0002) are served the
+    slower way, with the same bytes and content types."""
+    names = ("emri_small.dcm", "CT_small.dcm")
+    accept = 'multipart/related; type="application/octet-stream"'
+    urls = [f"{_url(archive, files[n])}/frames/1,3" if n == "emri_small.dcm"
+            else f"{_url(archive, files[n])}/frames/1" for n in names]
+    fast = [_parts(_get(url, accept)) for url in urls]
+    sops = [files[n].sop_uid for n in names]
+    saved = _frame_offsets(archive, sops)
+    with contextlib.closing(sqlite3.connect(archive.data_dir / "index.db")) as db:
+        db.executemany("UPDATE dicom_instance SET pixel_offset = NULL, frame_size = NULL "
+                       "WHERE sop_uid = ?", [(sop,) for sop in sops])
+        db.commit()
+        try:
+            assert _frame_offsets(archive, sops) == {sop: (None, None) for sop in sops}
+            assert [_parts(_get(url, accept)) for url in urls] == fast
+        finally:
+            db.executemany("UPDATE dicom_instance SET pixel_offset = ?, frame_size = ? "
+                           "WHERE sop_uid = ?", [(*saved[sop], sop) for sop in sops])
+            db.commit()
+
+
+def _one_bit_multiframe(rows: int, columns: int, frames: int) -> Dataset:
+    """A 1-bit multi-frame Secondary Capture whose frames (``rows * columns`` bits) do
+    not start on byte boundaries unless that product is a multiple of 8."""
+    from pydicom.dataset import FileMetaDataset
+
+    rng = np.random.default_rng(7)
+    pixels = rng.integers(0, 2, size=(frames, rows, columns), dtype=np.uint8)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7.1"
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.PatientName, ds.Modality = "BITS", "Bits^One", "OT"
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, columns, frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = 1
+    ds.HighBit = ds.PixelRepresentation = 0
+    packed = np.packbits(pixels.ravel(), bitorder="little").tobytes()
+    ds.PixelData = packed + b"\x00" * (len(packed) % 2)
+    ds["PixelData"].VR = "OB"
+    return ds
+
+
+def test_frames_of_one_bit_pixel_data_are_each_packed_from_bit_zero(
+        archive: Archive, files: dict[str, SampleFile], tmp_path: Path) -> None:
+    """1-bit frames (PS3.5 8.1.1), byte aligned or not, little or big endian: each frame
+    comes packed eight pixels a byte from its first pixel, as pydicom unpacks it."""
+    originals = [_one_bit_multiframe(5, 3, 4)] + [
+        pydicom.dcmread(sample_file(name)) for name in ("liver.dcm", "liver_expb.dcm")]
+    samples = []
+    for index, ds in enumerate(originals):  # new UIDs: the two liver files share theirs
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        path = tmp_path / f"{index}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        samples.append(SampleFile(
+            path=path, sop_class=str(ds.SOPClassUID), sop_uid=ds.SOPInstanceUID,
+            study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
+            transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+            frames=int(ds.NumberOfFrames), rows=ds.Rows, columns=ds.Columns,
+            bits_allocated=1, photometric=str(ds.PhotometricInterpretation)))
+    assert [s.Status for s in c_store(archive, [f.path for f in samples])] == [0, 0, 0]
+    _wait_indexed(archive, samples)
+    originals = [pydicom.dcmread(f.path) for f in samples]
+    for f, ds in zip(samples, originals, strict=True):
+        count = int(ds.NumberOfFrames)
+        numbers = [count, 1] if count > 1 else [1]
+        expected = [np.packbits(ds.pixel_array[n - 1].ravel(), bitorder="little").tobytes()
+                    for n in numbers]
+        response = _get(f"{_url(archive, f)}/frames/{','.join(map(str, numbers))}",
+                        'multipart/related; type="application/octet-stream"')
+        assert response.status_code == 200, (f.path.name, response.text)
+        assert [body for _, body in _parts(response)] == expected, f.path.name
+    assert _get(f"{_url(archive, samples[0])}/frames/5",
+                'multipart/related; type="application/octet-stream"').status_code == 404
 
 
 def test_frames_requested_in_their_stored_image_media_type_are_the_fragments(

@@ -91,12 +91,12 @@ def run(
         config, roles=roles, data_dir=data_dir, web__port=http_port,
         scp__port=dimse_port, scp__ae_title=ae_title)
     _setup_logging(settings.log_level)
-    from dicomcloud.runtime import serve
+    from dicomcloud.runtime import run_loop, serve
 
     if pid_file is not None:
         pid_file.write_text(f"{os.getpid()}\n")
     try:
-        asyncio.run(serve(settings))
+        run_loop(serve(settings))
     except DicomCloudError as exc:
         raise _fail(exc) from exc
     except KeyboardInterrupt:

@@ -96,7 +96,7 @@ class ConsumerSettings:
 class WorkerSettings:
     """Metadata generator and housekeeping (role ``worker``)."""
 
-    quiet_seconds: float = 3.0
+    quiet_seconds: float = 1.0
     scan_interval_seconds: float = 2.0
     max_retries: int = 5
     batch_size: int = 50

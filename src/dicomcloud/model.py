@@ -167,6 +167,9 @@ class IndexedInstance:
     state: DicomStateMeta
     image: DicomImageMeta
     extra: SeriesAttributes
+    #: Native frames' place in the file (see ``InstanceRow``), None when not applicable.
+    pixel_offset: int | None = None
+    frame_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -203,3 +206,7 @@ class InstanceRow:
     number_of_frames: int
     file_path: str
     file_size: int
+    #: First byte of frame 1 and bytes per frame, for uncompressed little-endian byte
+    #: aligned pixel data (None otherwise: the header is read to find the frames).
+    pixel_offset: int | None = None
+    frame_size: int | None = None

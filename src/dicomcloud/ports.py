@@ -166,6 +166,9 @@ class Index(AbstractAsyncContextManager["Index"], Protocol):
                          limit: int) -> list[JsonTask]:
         """Series whose metadata is pending (or failed, under ``max_retries``) and quiet."""
 
+    async def next_due(self, max_retries: int) -> dt.datetime | None:
+        """The oldest ``flag_time`` among series waiting for metadata, or None."""
+
     async def finish_series(self, task: JsonTask, ok: bool) -> bool:
         """Mark metadata of ``task`` done or failed; False if it was flagged again since."""
 

@@ -58,9 +58,9 @@ def _child_main(settings: Settings, parent: int, listening: Any) -> None:
     logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)-7s %(name)s[%(process)d]: %(message)s")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    from dicomcloud.runtime import serve
+    from dicomcloud.runtime import run_loop, serve
 
-    asyncio.run(serve(settings, parent_pid=parent, listening=listening))
+    run_loop(serve(settings, parent_pid=parent, listening=listening))
 
 
 class RoleProcesses:

@@ -78,13 +78,20 @@ def parse_params(items: list[tuple[str, str]]) -> RenderParams:
     return RenderParams(window, viewport, quality)
 
 
-def choose_media(ranges: list[MediaRange]) -> str:
-    """JPEG unless the client prefers PNG (PS3.18 8.7.4: rendered media types)."""
+def choose_media(ranges: list[MediaRange], *, multipart: bool = False) -> str:
+    """JPEG unless the client prefers PNG (PS3.18 8.7.4: rendered media types).
+
+    With ``multipart`` (a rendered study or series, one part per instance) the type may
+    also be asked for as ``multipart/related; type="image/png"``."""
     for r in ranges:
+        mime = r.mime
+        if multipart and mime == "multipart/related":
+            mime = r.inner or MEDIA_TYPES[0]
         for media in MEDIA_TYPES:
-            if _matches(r.mime, media):
+            if _matches(mime, media):
                 return media
-    raise NotAcceptable("rendered images are served as image/jpeg or image/png")
+    raise NotAcceptable("rendered images are served as image/jpeg or image/png"
+                        + (' (or multipart/related; type="image/jpeg")' if multipart else ""))
 
 
 def render(data: bytes, frame: int, params: RenderParams, media: str) -> bytes:

@@ -5,7 +5,7 @@
   study in memory.
 - Metadata of a study, series or instance (PS3.18 10.4.1.1.2): the worker's pre-generated
   documents when they are current, else built from the files; ``ETag`` with
-  ``If-None-Match`` (304) and gzip by ``Accept-Encoding``.
+  ``If-None-Match`` (304) and Brotli or gzip by ``Accept-Encoding``.
 - Frames (PS3.18 10.4.1.1.3): read from the file by offset (native pixel data) or by
   fragment (encapsulated), never by decoding the whole data set.
 - Bulk data (PS3.18 10.4.1.1.4): the values our BulkDataURIs point at, with ``Range``.
@@ -20,6 +20,7 @@ Media ranges are tried in order of their q-values; 406 when none can be produced
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import re
@@ -286,6 +287,7 @@ class PixelLayout:
     value_start: int  # first byte of the value (native) or of the first item (encapsulated)
     length: int  # value length, 0xFFFFFFFF when encapsulated
     frame_size: int | None  # bytes per native frame (None when not byte aligned)
+    frame_bits: int | None = None  # bits per native frame (bit-packed 1-bit data)
 
     @property
     def encapsulated(self) -> bool:
@@ -312,13 +314,29 @@ def pixel_layout(fh: IO[bytes], ds: Dataset, at: int) -> PixelLayout | None:
         frames = max(int(ds.get("NumberOfFrames") or 1), 1)
         bits = int(ds.BitsAllocated)
         values = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel") or 1)
-        frame_size = values * bits // 8 if bits % 8 == 0 else None
+        frame_bits = values * bits
+        frame_size = frame_bits // 8 if frame_bits % 8 == 0 else None
         if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422" and \
                 frame_size:
             frame_size = frame_size // 3 * 2
     except (AttributeError, TypeError, ValueError):
-        frames, frame_size = 1, None
-    return PixelLayout(syntax, frames, start, length, frame_size)
+        frames, frame_size, frame_bits = 1, None, None
+    return PixelLayout(syntax, frames, start, length, frame_size, frame_bits)
+
+
+def native_frames(fh: IO[bytes], ds: Dataset, at: int, file_size: int
+                  ) -> tuple[int, int] | None:
+    """(offset of frame 1, bytes per frame) when the frames can be cut by offset alone:
+    uncompressed little endian, byte aligned, every frame inside the file. The consumer
+    records them in the index so that frame requests need not read the header."""
+    layout = pixel_layout(fh, ds, at)
+    if (layout is None or layout.encapsulated or layout.frame_size is None
+            or layout.syntax == "1.2.840.10008.1.2.2" or layout.frame_size <= 0):
+        return None
+    end = layout.value_start + layout.frames * layout.frame_size
+    if end > layout.value_start + layout.length or end > file_size:
+        return None
+    return layout.value_start, layout.frame_size
 
 
 def fragments(fh: IO[bytes], layout: PixelLayout) -> tuple[list[int], list[tuple[int, int]]]:
@@ -356,7 +374,8 @@ def frame_ranges(fh: IO[bytes], layout: PixelLayout, numbers: list[int]) -> list
             raise NotFound(f"frame {n} does not exist: the instance has {layout.frames}")
     if not layout.encapsulated:
         if layout.frame_size is None:
-            raise NotAcceptable("frames of bit-packed pixel data cannot be cut by offset")
+            raise NotAcceptable("frames of bit-packed pixel data cannot be cut by offset; "
+                                "see bit_frames")
         return [[(layout.value_start + (n - 1) * layout.frame_size, layout.frame_size)]
                 for n in numbers]
     table, found = fragments(fh, layout)
@@ -371,8 +390,36 @@ def frame_ranges(fh: IO[bytes], layout: PixelLayout, numbers: list[int]) -> list
     raise NotAcceptable("fragments cannot be matched to frames (no Basic Offset Table)")
 
 
+def bit_frames(fh: IO[bytes], layout: PixelLayout, numbers: list[int]) -> list[bytes]:
+    """Frames of bit-packed (1-bit) little-endian pixel data whose frames do not start on
+    a byte boundary (PS3.5 8.1.1: frames follow each other bit by bit, first pixel in the
+    least significant bit): each is returned packed the same way from bit 0, padded with
+    zero bits to a whole byte."""
+    import numpy as np
+
+    bits = layout.frame_bits
+    if not bits:
+        raise NotAcceptable("the frame layout of this pixel data is unknown")
+    out = []
+    for n in numbers:
+        if not 1 <= n <= layout.frames:
+            raise NotFound(f"frame {n} does not exist: the instance has {layout.frames}")
+        start = (n - 1) * bits
+        shift = start % 8
+        fh.seek(layout.value_start + start // 8)
+        raw = np.frombuffer(fh.read((shift + bits + 7) // 8), np.uint8)
+        if raw.size * 8 < shift + bits:
+            raise NotFound(f"frame {n} is cut short in the stored file")
+        values = np.unpackbits(raw, bitorder="little")[shift:shift + bits]
+        out.append(np.packbits(values, bitorder="little").tobytes())
+    return out
+
+
 def read_pieces(fh: IO[bytes], pieces: list[tuple[int, int]]) -> bytes:
     """The bytes of (offset, length) pieces of a file, joined: one frame."""
+    if len(pieces) == 1:  # the usual case: read straight into the result
+        fh.seek(pieces[0][0])
+        return fh.read(pieces[0][1])
     out = bytearray()
     for offset, length in pieces:
         fh.seek(offset)
@@ -390,14 +437,18 @@ def parse_frame_list(text: str) -> list[int]:
     return list(dict.fromkeys(numbers))  # each frame once, in the order asked
 
 
-def decode_frame(data: bytes, number: int) -> bytes:
-    """One frame of a compressed file decoded to native little endian pixel bytes."""
+def decode_frame(data: bytes, number: int, bits_allocated: int = 8) -> bytes:
+    """One frame of a compressed or big endian file as native little endian pixel bytes;
+    1-bit data packed again, eight pixels a byte, first in the least significant bit."""
+    import numpy as np
     from pydicom.pixels.utils import pixel_array
 
     try:
         array = pixel_array(io.BytesIO(data), index=number - 1, raw=True)
     except Exception as exc:
         raise NotAcceptable("cannot decode this frame; ask for transfer-syntax=*") from exc
+    if bits_allocated == 1:
+        return np.packbits(array.ravel().astype(np.uint8), bitorder="little").tobytes()
     return _little_endian_bytes(array)
 
 
@@ -415,6 +466,40 @@ def etag_matches(header: str | None, tag: str) -> bool:
     return any(candidate.strip().removeprefix("W/") == tag for candidate in header.split(","))
 
 
-def gzip_wanted(body: bytes, accept_encoding: str | None) -> bool:
-    """True when the client accepts gzip and ``body`` is worth compressing."""
-    return len(body) > 1024 and bool(accept_encoding) and "gzip" in str(accept_encoding).lower()
+#: Content codings we produce, best first when the client weighs them equally.
+CODINGS = ("br", "gzip")
+
+
+def content_coding(body: bytes, accept_encoding: str | None) -> str | None:
+    """``br``, ``gzip`` or None (identity) for ``body`` by ``Accept-Encoding`` (RFC 9110
+    12.5.3): the client's highest q-value wins, Brotli on a tie; ``q=0`` refuses a coding,
+    ``*`` stands for any coding not named. Bodies of 1 KiB or less are sent as they are."""
+    if len(body) <= 1024 or not accept_encoding:
+        return None
+    weights: dict[str, float] = {}
+    for item in accept_encoding[:1024].lower().split(","):
+        name, _, params = item.strip().partition(";")
+        q = 1.0
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key == "q":
+                try:
+                    q = min(max(float(value), 0.0), 1.0)
+                except ValueError:
+                    q = 0.0
+        weights[name.strip()] = q
+    best, best_q = None, 0.0
+    for coding in CODINGS:
+        q = weights.get(coding, weights.get("*", 0.0))
+        if q > best_q:
+            best, best_q = coding, q
+    return best
+
+
+def encode(body: bytes, coding: str) -> bytes:
+    """``body`` compressed with ``coding`` (levels chosen for speed: metadata is large)."""
+    if coding == "br":
+        import brotli
+
+        return bytes(brotli.compress(body, quality=4))
+    return gzip.compress(body, 4)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Iterable
 from typing import Any
@@ -386,6 +387,38 @@ async def test_failed_tasks_are_retried_up_to_max_retries(index: SqlIndex) -> No
     assert last.retry_times == 3
     assert await index.finish_series(last, ok=True) is True
     assert await index.due_series(utcnow() + FUTURE, 10, 100) == []
+
+
+async def test_next_due_is_the_oldest_waiting_flag(index: SqlIndex) -> None:
+    assert await index.next_due(5) is None
+    study = new_uid()
+    first, second = make_instance(study, new_uid()), make_instance(study, new_uid())
+    await index.apply([first])
+    await index.apply([second])
+    tasks = await index.due_series(utcnow() + FUTURE, 5, 100)
+    assert await index.next_due(5) == min(t.flag_time for t in tasks)
+    for task in tasks:
+        assert await index.finish_series(task, ok=True)
+    assert await index.next_due(5) is None
+    (task,) = [t for t in tasks if t.series_uid == second.event.series_uid]
+    await index.apply([second])  # flagged again, then failing: due until out of retries
+    (again,) = await index.due_series(utcnow() + FUTURE, 5, 100)
+    assert await index.finish_series(again, ok=False)
+    assert await index.next_due(5) is not None
+    assert await index.next_due(1) is None  # its one retry is used up
+
+
+async def test_frame_offsets_round_trip(index: SqlIndex) -> None:
+    study, series = new_uid(), new_uid()
+    native = dataclasses.replace(make_instance(study, series, instance_number=1),
+                                 pixel_offset=1234, frame_size=524288)
+    other = make_instance(study, series, instance_number=2)
+    await index.apply([native, other])
+    rows = await index.instances(TENANT, study, series)
+    assert [(r.pixel_offset, r.frame_size) for r in rows] == [(1234, 524288), (None, None)]
+    (one,) = await index.instances(TENANT, study, series, other.event.sop_uid)
+    assert one.sop_uid == other.event.sop_uid
+    assert await index.instances(TENANT, study, new_uid()) == []
 
 
 # -- schema -----------------------------------------------------------------------------

@@ -73,6 +73,8 @@ instance = sa.Table(
     sa.Column("file_size", sa.BigInteger, nullable=False),
     sa.Column("created_time", sa.DateTime, nullable=False),
     sa.Column("updated_time", sa.DateTime, nullable=False),
+    sa.Column("pixel_offset", sa.BigInteger),
+    sa.Column("frame_size", sa.BigInteger),
 )
 
 json_meta = sa.Table(

@@ -12,6 +12,7 @@ and then parked on ``storage_queue.dlq`` with the error, so it never blocks the 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from typing import Any
 
@@ -21,6 +22,7 @@ from dicomcloud.header import read_open_file
 from dicomcloud.model import IndexedInstance, StoredObject, body
 from dicomcloud.ports import Message, Outgoing
 from dicomcloud.runtime import Runtime
+from dicomcloud.wado import native_frames
 
 log = logging.getLogger(__name__)
 TOPIC = "storage_queue"
@@ -113,8 +115,12 @@ class Consumer:
     def _read(self, message: Message) -> IndexedInstance:
         event = StoredObject(**_fields(message.body))
         with self.runtime.storage.open(event.file_path) as fh:
-            ds, _ = read_open_file(fh)  # the header only: no need for the pixels
-        return indexed_instance(ds, event)
+            ds, at = read_open_file(fh)  # the header only: no need for the pixels
+            frames = native_frames(fh, ds, at, event.file_size)
+        item = indexed_instance(ds, event)
+        if frames is None:
+            return item
+        return dataclasses.replace(item, pixel_offset=frames[0], frame_size=frames[1])
 
 
 def _fields(raw: Any) -> dict[str, Any]:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gzip
 import hashlib
 import logging
 import re
@@ -38,6 +37,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
+from starlette.types import Receive, Scope, Send
 
 from dicomcloud import rendered as render
 from dicomcloud import wado
@@ -315,15 +315,15 @@ class DicomWeb:
         base = self.base_url(request).encode()
         body = body.replace(b'"BulkDataURI":"studies/', b'"BulkDataURI":"' + base + b"/studies/")
         tag = wado.etag(body)
-        gzipped = wado.gzip_wanted(body, request.headers.get("accept-encoding"))
-        # a gzipped body is another representation: its validator is the weak form
-        headers = {"ETag": f"W/{tag}" if gzipped else tag, "Cache-Control": "no-cache",
+        coding = wado.content_coding(body, request.headers.get("accept-encoding"))
+        # a compressed body is another representation: its validator is the weak form
+        headers = {"ETag": f"W/{tag}" if coding else tag, "Cache-Control": "no-cache",
                    "Vary": "Accept-Encoding"}
         if wado.etag_matches(request.headers.get("if-none-match"), tag):
             return Response(status_code=304, headers=headers)  # nothing to compress
-        if gzipped:
-            body = await asyncio.to_thread(gzip.compress, body, 4)
-            headers["Content-Encoding"] = "gzip"
+        if coding:
+            body = await asyncio.to_thread(wado.encode, body, coding)
+            headers["Content-Encoding"] = coding
         return Response(body, media_type=DICOM_JSON, headers=headers)
 
     def _live_metadata(self, rows: list[InstanceRow]) -> bytes:
@@ -341,9 +341,30 @@ class DicomWeb:
         """WADO-RS frames (PS3.18 10.4.1.1.3), cut from the file by offset or fragment."""
         numbers = wado.parse_frame_list(request.path_params["frames"])
         ranges = wado.parse_accept(request.headers.get("accept"))
-        syntax, parts = await self._instance_work(
-            request, lambda path: self._frames(path, numbers, ranges))
+        row = (await self._rows(request))[0]
+        if row.pixel_offset is not None and row.frame_size:  # found by the consumer
+            syntax, parts = await asyncio.to_thread(self._native_frames, row, numbers, ranges)
+        else:
+            syntax, parts = await asyncio.to_thread(self._frames, row.file_path, numbers,
+                                                    ranges)
         return _multipart(parts, syntax)
+
+    def _native_frames(self, row: InstanceRow, numbers: list[int],
+                       ranges: list[wado.MediaRange]) -> tuple[str, list[tuple[str, bytes]]]:
+        """Frames of uncompressed little-endian pixel data at the offsets the index holds:
+        as stored and as native they are the same bytes (PS3.18 8.7.3.5.2)."""
+        mode, syntax = _frame_mode(ranges, row.transfer_syntax_uid)
+        for n in numbers:
+            if not 1 <= n <= row.number_of_frames:
+                raise NotFound(f"frame {n} does not exist: the instance has "
+                               f"{row.number_of_frames}")
+        label = row.transfer_syntax_uid if mode == "stored" else syntax
+        content_type = f"application/octet-stream; transfer-syntax={label}"
+        assert row.pixel_offset is not None and row.frame_size is not None
+        size = row.frame_size
+        with self._open(row.file_path) as fh:
+            return syntax, [(content_type, wado.read_pieces(
+                fh, [(row.pixel_offset + (n - 1) * size, size)])) for n in numbers]
 
     def _frames(self, path: str, numbers: list[int],
                 ranges: list[wado.MediaRange]) -> tuple[str, list[tuple[str, bytes]]]:
@@ -355,8 +376,12 @@ class DicomWeb:
             if layout is None:
                 raise NotFound("the instance has no pixel data")
             stored = layout.syntax
-            if mode == "stored" or (not layout.encapsulated and
-                                    stored != "1.2.840.10008.1.2.2"):
+            native_le = not layout.encapsulated and stored != "1.2.840.10008.1.2.2"
+            if native_le and layout.frame_size is None:  # bit-packed, not byte aligned
+                label = stored if mode == "stored" else syntax
+                return syntax, [(f"application/octet-stream; transfer-syntax={label}", data)
+                                for data in wado.bit_frames(fh, layout, numbers)]
+            if mode == "stored" or native_le:
                 pieces = wado.frame_ranges(fh, layout, numbers)
                 if layout.encapsulated:
                     kind = wado.FRAME_MEDIA_TYPES.get(stored, "application/octet-stream")
@@ -372,8 +397,9 @@ class DicomWeb:
                                    f"{layout.frames}")
             fh.seek(0)
             data = fh.read()
+            bits = int(ds.get("BitsAllocated") or 8)
         content_type = f"application/octet-stream; transfer-syntax={syntax}"
-        return syntax, [(content_type, wado.decode_frame(data, n)) for n in numbers]
+        return syntax, [(content_type, wado.decode_frame(data, n, bits)) for n in numbers]
 
     async def bulkdata(self, request: Request) -> Response:
         """WADO-RS bulk data (PS3.18 10.4.1.1.4): the targets of our BulkDataURIs,
@@ -445,6 +471,29 @@ class DicomWeb:
             raise NotFound(f"element {tags[-1]:08X} holds no binary value")
         return [(octet, wado.little_endian_value(element.value, element.VR, big))]
 
+    async def rendered_many(self, request: Request) -> Response:
+        """Rendered study or series (PS3.18 10.4.1.1.3): ``multipart/related`` with one
+        rendered image per image instance (frame 1 of a multi-frame one), streamed.
+        Instances that cannot be rendered (no pixel data, say) are left out, and logged."""
+        params = render.parse_params(list(request.query_params.multi_items()))
+        media = render.choose_media(wado.parse_accept(request.headers.get("accept")),
+                                    multipart=True)
+        rows = await self._rows(request)
+        boundary = wado.new_boundary()
+
+        async def parts() -> AsyncIterator[bytes]:
+            for row in rows:
+                try:
+                    data = await asyncio.to_thread(self._read, row.file_path)
+                    image = await asyncio.to_thread(render.render, data, 1, params, media)
+                except Exception as exc:  # the status is sent: skip this one, go on
+                    log.warning("rendered: %s left out: %s", row.file_path, exc)
+                    continue
+                yield wado.part_head(boundary, media) + image + b"\r\n"
+            yield f"--{boundary}--\r\n".encode()
+
+        return StreamingResponse(parts(), media_type=wado.multipart_type(boundary, media))
+
     async def rendered(self, request: Request) -> Response:
         """Rendered instance or frame, and thumbnails at every level (PS3.18 10.4.1.1.3,
         10.4.1.1.5); JPEG unless PNG is asked for."""
@@ -485,13 +534,34 @@ class DicomWeb:
         return JSONResponse({"status": "ready", "roles": list(self.settings.roles)})
 
 
+class _PiecesResponse(Response):
+    """A response whose body is sent as the given pieces, in order, never joined: a
+    512 KiB frame costs a copy per join, and the server writes each piece as it comes."""
+
+    def __init__(self, pieces: list[bytes], media_type: str) -> None:
+        self.pieces = pieces
+        super().__init__(None, media_type=media_type,
+                         headers={"Content-Length": str(sum(map(len, pieces)))})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        last = len(self.pieces) - 1
+        for n, piece in enumerate(self.pieces):
+            await send({"type": "http.response.body", "body": piece, "more_body": n < last})
+
+
 def _multipart(parts: list[tuple[str, bytes]], syntax: str | None = None) -> Response:
     """A ``multipart/related`` response of (content type, bytes) parts (PS3.18 8.6.1.2);
     its ``type`` is the first part's media type."""
     boundary = wado.new_boundary()
-    body = b"".join(wado.part_head(boundary, content_type) + data + b"\r\n"
-                    for content_type, data in parts) + f"--{boundary}--\r\n".encode()
-    return Response(body, media_type=wado.multipart_type(
+    pieces: list[bytes] = []
+    lead = b""
+    for content_type, data in parts:
+        pieces += [lead + wado.part_head(boundary, content_type), data]
+        lead = b"\r\n"
+    pieces.append(lead + f"--{boundary}--\r\n".encode())
+    return _PiecesResponse(pieces, wado.multipart_type(
         boundary, parts[0][0].split(";")[0], syntax))
 
 
@@ -577,6 +647,9 @@ def create_app(runtime: Runtime) -> Starlette:
         Route("/studies/{study}/series/{series}/instances/{sop}/bulkdata/{tag:path}",
               web.bulkdata, methods=["GET"]),
         Route("/studies/{study}/thumbnail", web.rendered, methods=["GET"]),
+        Route("/studies/{study}/rendered", web.rendered_many, methods=["GET"]),
+        Route("/studies/{study}/series/{series}/rendered", web.rendered_many,
+              methods=["GET"]),
         Route("/studies/{study}/series/{series}/thumbnail", web.rendered, methods=["GET"]),
     ]
     instance = "/studies/{study}/series/{series}/instances/{sop}"

@@ -16,13 +16,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 
 from dicomcloud.dicomjson import instance_json
-from dicomcloud.model import JsonTask, utcnow
+from dicomcloud.model import JsonTask
 from dicomcloud.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ async def run(runtime: Runtime, stop: asyncio.Event) -> None:
     last_housekeeping = 0.0
     log.info("worker regenerating metadata after %.0f s quiet", settings.quiet_seconds)
     while not stop.is_set():
-        cutoff = utcnow() - timedelta(seconds=settings.quiet_seconds)
+        cutoff = _now() - timedelta(seconds=settings.quiet_seconds)
         tasks = await runtime.index.due_series(cutoff, settings.max_retries,
                                                settings.batch_size)
         for task in tasks:
@@ -94,7 +94,23 @@ async def run(runtime: Runtime, stop: asyncio.Event) -> None:
                 log.info("housekeeping: dropped %d consumed queue message(s)", dropped)
         if len(tasks) < settings.batch_size:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), settings.scan_interval_seconds)
+                await asyncio.wait_for(stop.wait(), await _idle_seconds(runtime))
+
+
+def _now() -> datetime:
+    """UTC now with microseconds, as ``flag_time`` is stored."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+async def _idle_seconds(runtime: Runtime) -> float:
+    """Time until the next scan: when the oldest waiting series falls quiet, but at most
+    ``scan_interval_seconds`` (series flagged meanwhile by other processes are found then)."""
+    settings = runtime.settings.worker
+    oldest = await runtime.index.next_due(settings.max_retries)
+    if oldest is None:
+        return settings.scan_interval_seconds
+    due = oldest + timedelta(seconds=settings.quiet_seconds) - _now()
+    return min(max(due.total_seconds(), 0.05), settings.scan_interval_seconds)
 
 
 async def _run_task(runtime: Runtime, builder: MetadataBuilder, task: JsonTask) -> None:
