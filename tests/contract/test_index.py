@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime as dt
 from collections.abc import Iterable
@@ -82,6 +83,25 @@ async def test_apply_returns_the_touched_series_recounted(index: SqlIndex) -> No
     touched, _ = await index.apply([extra])
     assert touched == [SeriesRef(TENANT, study, b)]
     assert await related(index, touched[0]) == 3
+
+
+async def test_concurrent_writers_of_one_series_lose_no_count(index: SqlIndex,
+                                                              index_url: str) -> None:
+    """Two consumers (two connections) writing the same series at once, with overlapping
+    re-deliveries in opposite orders: every instance is counted once, nothing deadlocks."""
+    study, series = new_uid(), new_uid()
+    items = [make_instance(study, series, instance_number=n) for n in range(60)]
+
+    async def consumer(batches: list[list[IndexedInstance]]) -> None:
+        async with SqlIndex(index_url, auto_migrate=False) as other:
+            for batch in batches:
+                await other.apply(batch)
+
+    forward = [items[i:i + 6] for i in range(0, 60, 6)]
+    backward = [list(reversed(items[i:i + 9])) for i in range(0, 60, 9)][::-1]
+    await asyncio.gather(consumer(forward), consumer(backward))
+    assert await related(index, ref(items[0])) == 60
+    assert await index.count_instances() == 60
 
 
 async def test_instance_resent_under_another_series_moves(index: SqlIndex) -> None:

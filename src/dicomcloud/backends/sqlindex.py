@@ -98,13 +98,16 @@ class SqlIndex:
     ) -> tuple[list[SeriesRef], list[str]]:
         if not items:
             return [], []
-        latest = list({(i.event.tenant_id, i.event.sop_uid): i for i in items}.values())
+        # Rows are written in key order: two consumers upserting overlapping batches then
+        # take their row locks in the same order and cannot deadlock (PostgreSQL).
+        latest = [item for _, item in sorted(
+            {(i.event.tenant_id, i.event.sop_uid): i for i in items}.items())]
         now = utcnow()
 
         def write(conn: sa.Connection) -> tuple[set[SeriesRef], list[str]]:
             moved, orphans = _moved(conn, latest)
             touched = _upsert(conn, latest, now)
-            _recount(conn, touched | moved, now)
+            _recount(conn, touched, moved - touched, now)
             return touched, orphans
 
         touched, orphans = await self._run(write, write=True, what="index write")
@@ -262,6 +265,8 @@ def _upsert(conn: sa.Connection, items: list[IndexedInstance], now: dt.datetime
     for item in items:
         e = item.event
         series[SeriesRef(e.tenant_id, e.study_uid, e.series_uid)] = item
+    series = dict(sorted(series.items(), key=lambda kv: (
+        kv[0].tenant_id, kv[0].study_uid, kv[0].series_uid)))
     state_rows = [_state_row(i, now) for i in series.values()]
     stmt = insert(state)
     conn.execute(stmt.on_conflict_do_update(
@@ -283,8 +288,16 @@ def _upsert(conn: sa.Connection, items: list[IndexedInstance], now: dt.datetime
     return set(series)
 
 
-def _recount(conn: sa.Connection, refs: set[SeriesRef], now: dt.datetime) -> None:
-    for ref in refs:
+def _recount(conn: sa.Connection, touched: set[SeriesRef], moved: set[SeriesRef],
+             now: dt.datetime) -> None:
+    """Count each series' instances again. Its series row is locked first in this
+    transaction (the upsert did it for ``touched``; ``moved`` ones are touched here), so a
+    concurrent writer of the same series waits for our commit and then counts our rows
+    too: no count is lost (READ COMMITTED: each statement sees what was committed before
+    it started)."""
+    for ref in sorted(moved, key=lambda r: (r.tenant_id, r.study_uid, r.series_uid)):
+        conn.execute(state.update().where(*_series_where(state, ref)).values(updated_time=now))
+    for ref in sorted(touched | moved, key=lambda r: (r.tenant_id, r.study_uid, r.series_uid)):
         where = _series_where(instance, ref)
         count = conn.execute(
             sa.select(sa.func.count()).select_from(instance).where(*where)).scalar_one()
