@@ -32,7 +32,12 @@ from urllib.parse import parse_qs, urlsplit
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import CommitFailedError, KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import (
+    CommitFailedError,
+    IllegalStateError,
+    KafkaError,
+    TopicAlreadyExistsError,
+)
 from aiokafka.structs import OffsetAndMetadata
 
 from dicomcloud.errors import BackendError, ConfigError
@@ -221,9 +226,16 @@ class KafkaQueue:
             by_topic.setdefault(topic, {})[tp] = OffsetAndMetadata(offset, "")
         for topic, offsets in by_topic.items():
             consumer, _ = await self._consumer(topic, group)
+            # Partitions taken away by a rebalance since the fetch: their new owner starts
+            # from the last committed offset and indexes those messages again (harmless:
+            # indexing is idempotent). Committing them from here would fail.
+            assigned = consumer.assignment()
+            offsets = {tp: meta for tp, meta in offsets.items() if tp in assigned}
+            if not offsets:
+                continue
             try:
                 await consumer.commit(offsets)
-            except CommitFailedError as exc:  # rebalanced: the new owner gets them again
+            except (CommitFailedError, IllegalStateError) as exc:  # rebalanced meanwhile
                 log.warning("offset commit on %s lost to a rebalance (%s); the messages "
                             "will be delivered again", topic, exc)
                 continue

@@ -12,6 +12,7 @@ and then parked on ``storage_queue.dlq`` with the error, so it never blocks the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from typing import Any
@@ -42,20 +43,21 @@ class Consumer:
         queue, group = self.runtime.queue, self.settings.group
         backoff = 0.5
         while not stop.is_set():
-            messages = await self._fetch_batch()
-            if not messages:
-                continue
             try:
+                messages = await self._fetch_batch()
+                if not messages:
+                    continue
                 await self.process(messages)
-            except BackendError as exc:
-                log.error("indexing a batch of %d failed, retrying in %.1f s: %s",
-                          len(messages), backoff, exc.message)
-                await queue.rewind(TOPIC, group)
+                await queue.commit(group, messages)
+            except BackendError as exc:  # the index or the queue is away: wait, go on
+                log.error("consumer: %s; retrying in %.1f s (uncommitted messages are "
+                          "delivered again)", exc.message, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
+                with contextlib.suppress(BackendError):
+                    await queue.rewind(TOPIC, group)
                 continue
             backoff = 0.5
-            await queue.commit(group, messages)
 
     async def _fetch_batch(self) -> list[Message]:
         """A batch: after the first message, wait ``linger_seconds`` for more (like Kafka's
