@@ -80,3 +80,33 @@ def test_migrate_is_repeatable(tmp_path: Path) -> None:
     assert "0001_initial" in first.stderr
     second = dicomcloud("migrate", "--data-dir", str(tmp_path / "d"))
     assert "up to date" in second.stderr
+
+
+def test_run_takes_its_roles_from_the_environment_unless_given(tmp_path: Path) -> None:
+    """DICOMCLOUD_ROLES (or the ``roles`` setting) chooses the roles; --roles overrides."""
+    import os
+    import signal
+    import time
+
+    env = {**os.environ, "DICOMCLOUD_ROLES": "worker"}
+
+    def started_roles(*extra: str) -> str:
+        log = tmp_path / f"run{len(extra)}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "dicomcloud", "run", "--data-dir",
+                                     str(tmp_path / "d"), *extra], env=env, stdout=out,
+                                    stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                for line in log.read_text(errors="replace").splitlines():
+                    if "starting roles" in line:
+                        return line.split("starting roles ")[1].split(" ")[0]
+                time.sleep(0.1)
+            raise AssertionError(log.read_text(errors="replace"))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+
+    assert started_roles() == "worker"
+    assert started_roles("--roles", "consumer,worker") == "consumer,worker"

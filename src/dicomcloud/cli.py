@@ -70,9 +70,9 @@ def _fail(exc: DicomCloudError) -> typer.Exit:
 
 @app.command()
 def run(
-    roles: Annotated[str, typer.Option(
-        help=f"Comma-separated roles to run in this process: {','.join(ROLES)}.")] = ",".join(
-        ROLES),
+    roles: Annotated[str | None, typer.Option(
+        help=f"Comma-separated roles to run in this process, of {','.join(ROLES)} "
+             "[default: the `roles` setting (DICOMCLOUD_ROLES), which is all four].")] = None,
     data_dir: DataDirOpt = None,
     http_port: Annotated[int | None, typer.Option(help="DICOMweb port [default: 8080].")] = None,
     dimse_port: Annotated[int | None, typer.Option(help="DIMSE port [default: 11112].")] = None,

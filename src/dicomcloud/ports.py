@@ -166,6 +166,10 @@ class Index(AbstractAsyncContextManager["Index"], Protocol):
                          limit: int) -> list[JsonTask]:
         """Series whose metadata is pending (or failed, under ``max_retries``) and quiet."""
 
+    async def flag_time(self, tenant_id: str, study_uid: str,
+                        series_uid: str) -> dt.datetime | None:
+        """The series' current ``flag_time`` (None when the series is gone)."""
+
     async def next_due(self, max_retries: int) -> dt.datetime | None:
         """The oldest ``flag_time`` among series waiting for metadata, or None."""
 

@@ -471,3 +471,15 @@ async def test_migrate_is_repeatable(index: SqlIndex) -> None:
         versions = (await conn.execute(sa.text(
             "SELECT version FROM schema_migrations ORDER BY version"))).scalars().all()
     assert list(versions) == [v for v, _, _ in sqlschema.migration_files()]
+
+
+async def test_flag_time_is_the_current_flag(index: SqlIndex) -> None:
+    item = make_instance(new_uid(), new_uid())
+    e = item.event
+    assert await index.flag_time(TENANT, e.study_uid, e.series_uid) is None
+    await index.apply([item])
+    (task,) = await index.due_series(utcnow() + FUTURE, 5, 100)
+    assert await index.flag_time(TENANT, e.study_uid, e.series_uid) == task.flag_time
+    await index.apply([make_instance(e.study_uid, e.series_uid)])
+    newer = await index.flag_time(TENANT, e.study_uid, e.series_uid)
+    assert newer is not None and newer > task.flag_time

@@ -171,6 +171,13 @@ class SqlIndex:
         return await self._run(
             lambda conn: [JsonTask(**r) for r in conn.execute(stmt).mappings()])
 
+    async def flag_time(self, tenant_id: str, study_uid: str,
+                        series_uid: str) -> dt.datetime | None:
+        j = json_meta.c
+        stmt = sa.select(j.flag_time).where(j.tenant_id == tenant_id, j.study_uid == study_uid,
+                                            j.series_uid == series_uid)
+        return await self._run(lambda conn: conn.execute(stmt).scalar_one_or_none())
+
     async def next_due(self, max_retries: int) -> dt.datetime | None:
         """The oldest ``flag_time`` of a series waiting for metadata, if any."""
         stmt = sa.select(sa.func.min(json_meta.c.flag_time)).where(_pending(max_retries))

@@ -8,6 +8,9 @@ gets its metadata regenerated (PS3.18 Annex F DICOM JSON, bulk data as BulkDataU
 
 The row is marked done only if nobody flagged it again meanwhile (compare-and-set on
 ``flag_time``); a failure is retried after another quiet period, ``max_retries`` times.
+Documents are written only if the series' flag is still the one the build started from,
+so several worker nodes may run: at worst two build the same series, never does an older
+build overwrite a newer one (a build takes far less than the quiet period).
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ class MetadataBuilder:
         rt = self.runtime
         rows = await rt.index.instances(task.tenant_id, task.study_uid, task.series_uid)
         docs = await asyncio.to_thread(self._read, [r.file_path for r in rows])
+        if await rt.index.flag_time(task.tenant_id, task.study_uid,
+                                    task.series_uid) != task.flag_time:
+            # Flagged again while we read (or taken by another worker node that saw the
+            # newer flag): a newer build follows or ran; never overwrite its documents.
+            return len(docs)
         series_doc = orjson.dumps(docs)
         series_path = f"{task.tenant_id}/{task.study_uid}/{task.series_uid}.json"
         await asyncio.to_thread(rt.storage.write_metadata, series_path, series_doc)
