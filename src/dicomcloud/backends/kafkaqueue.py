@@ -98,7 +98,7 @@ class KafkaQueue:
     async def __aenter__(self) -> KafkaQueue:
         producer = AIOKafkaProducer(
             bootstrap_servers=self.bootstrap, client_id=self.client_id, acks="all",
-            enable_idempotence=False, linger_ms=2, request_timeout_ms=30000,
+            enable_idempotence=False, linger_ms=0, request_timeout_ms=30000,
             max_request_size=8 * 1024 * 1024)
         try:
             await producer.start()
