@@ -15,7 +15,10 @@ from tests.support import SampleFile, valid_testdata
 def _reference(path: Any) -> dict[str, Any]:
     """pydicom's own to_json_dict with the same BulkDataURI rule: ``.../bulkdata/{tag}``
     at the top, ``.../bulkdata/{sequence}/{item}/{tag}`` inside sequences."""
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    ds = pydicom.dcmread(path)
+    for tag in (0x7FE00008, 0x7FE00009, 0x7FE00010, 0xFFFCFFFC):  # ours, or no information
+        if tag in ds:
+            del ds[tag]
     base = (f"studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
             f"/instances/{ds.SOPInstanceUID}/bulkdata/")
     doc = dict(ds.to_json_dict(bulk_data_threshold=BULK_THRESHOLD,
@@ -76,3 +79,30 @@ def test_pixel_data_is_a_bulk_data_uri_never_inline() -> None:
     assert set(pixel) == {"vr", "BulkDataURI"}
     assert pixel["BulkDataURI"].endswith("/bulkdata/7FE00010")
     assert doc["00020010"] == {"vr": "UI", "Value": [str(sample.transfer_syntax)]}
+
+
+def test_elements_after_the_pixel_data_are_described_and_trailing_padding_is_not(
+        tmp_path: Any) -> None:
+    """PS3.5 7.1: elements are in tag order, so a Digital Signatures Sequence (FFFA,FFFA)
+    follows the pixel data; it belongs in the metadata. (FFFC,FFFC) padding does not."""
+    from pydicom.dataset import Dataset
+
+    from tests.support import make_ct, write_part10
+
+    ds = make_ct()
+    signature = Dataset()
+    signature.MACIDNumber = 1
+    signature.DigitalSignatureUID = "1.2.3.4.5"
+    signature.Signature = b"\x01\x02" * 64
+    ds.DigitalSignaturesSequence = [signature]
+    ds.add_new(0xFFFCFFFC, "OB", b"\x00" * 32)
+    path = write_part10(ds, tmp_path / "signed.dcm")
+    with open(path, "rb") as fh:
+        doc = instance_json(fh)
+    assert doc["7FE00010"]["BulkDataURI"].endswith("/bulkdata/7FE00010")
+    (item,) = doc["FFFAFFFA"]["Value"]
+    assert item["04000005"] == {"vr": "US", "Value": [1]}
+    assert item["04000100"] == {"vr": "UI", "Value": ["1.2.3.4.5"]}
+    assert item["04000120"]["vr"] == "OB" and "InlineBinary" in item["04000120"]
+    assert "FFFCFFFC" not in doc
+    assert list(doc).index("FFFAFFFA") > list(doc).index("7FE00010")

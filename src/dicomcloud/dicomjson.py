@@ -21,7 +21,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
-from dicomcloud.header import read_open_file
+from dicomcloud.header import ITEM, SEQUENCE_END, read_open_file
 
 #: Binary values whose base64 form is longer than this become BulkDataURIs.
 BULK_THRESHOLD = 1024
@@ -44,12 +44,56 @@ def instance_json(fp: IO[bytes]) -> dict[str, Any]:
         fp.seek(0)  # the reader's position is inside the deflated stream: look at it whole
         full = pydicom.dcmread(fp)
         return dataset_json(ds, base, has_pixels=next((k for k in _PIXEL_VR if k in full),
-                                                      None))
-    return dataset_json(ds, base, has_pixels=_has_pixels(fp))
+                                                      None), trailing=_after_pixels(full))
+    has_pixels = _has_pixels(fp)
+    trailing = None
+    if has_pixels and _bytes_after_pixels(fp, ds, pixels_at):
+        fp.seek(0)  # rare (digital signatures, say): read the whole file for them
+        trailing = _after_pixels(pydicom.dcmread(fp, force=True))
+    return dataset_json(ds, base, has_pixels=has_pixels, trailing=trailing)
 
 
-def dataset_json(ds: Dataset, base: str, *, has_pixels: str | None) -> dict[str, Any]:
-    """DICOM JSON of a header; ``has_pixels`` names the pixel data keyword if present."""
+def _after_pixels(full: Dataset) -> Dataset | None:
+    """Elements stored after the pixel data (PS3.5 7.1: data sets are in tag order, so
+    e.g. a Digital Signatures Sequence (FFFA,FFFA) follows it); Data Set Trailing Padding
+    (FFFC,FFFC) carries no information and is left out."""
+    found = Dataset()
+    for element in full:
+        if element.tag > 0x7FE00010 and element.tag != 0xFFFCFFFC:
+            found.add(element)
+    return found if len(found) else None
+
+
+def _bytes_after_pixels(fp: IO[bytes], ds: Dataset, at: int) -> bool:
+    """True when the file goes on after its pixel data element (little endian files)."""
+    from dicomcloud.wado import pixel_layout
+
+    layout = pixel_layout(fp, ds, at)
+    if layout is None:
+        return False
+    end = layout.value_start + layout.length
+    if layout.encapsulated:  # walk the items to the sequence delimiter
+        end = layout.value_start
+        while True:
+            fp.seek(end)
+            head = fp.read(8)
+            if len(head) < 8:
+                return False
+            group, element, length = struct.unpack("<HHI", head)
+            end += 8
+            if (group << 16 | element) == SEQUENCE_END:
+                break
+            if (group << 16 | element) != ITEM:
+                return False
+            end += length
+    fp.seek(0, 2)
+    return fp.tell() >= end + 8  # room for at least one element header
+
+
+def dataset_json(ds: Dataset, base: str, *, has_pixels: str | None,
+                 trailing: Dataset | None = None) -> dict[str, Any]:
+    """DICOM JSON of a header; ``has_pixels`` names the pixel data keyword if present,
+    ``trailing`` holds the elements stored after it."""
     out: dict[str, Any] = {}
     tsyntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     if tsyntax:
@@ -62,6 +106,8 @@ def dataset_json(ds: Dataset, base: str, *, has_pixels: str | None) -> dict[str,
                                           UID(str(ds.file_meta.TransferSyntaxUID)).is_compressed):
             vr = "OB"
         out[f"{tag:08X}"] = {"vr": vr, "BulkDataURI": f"{base}/bulkdata/{tag:08X}"}
+    if trailing is not None:
+        out.update(_items(trailing, f"{base}/bulkdata/", fast_encoding(ds)))
     return out
 
 
