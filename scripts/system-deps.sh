@@ -18,7 +18,11 @@ $SUDO apt-get update -qq
 # port 80); restored afterwards.
 policy=/usr/sbin/policy-rc.d
 had_policy=0; [ -e "$policy" ] && had_policy=1
-[ "$had_policy" = 1 ] || { printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null; $SUDO chmod +x "$policy"; }
+if [ "$had_policy" = 0 ]; then
+  printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
+  $SUDO chmod +x "$policy"
+  trap '$SUDO rm -f "$policy"' EXIT  # also when interrupted
+fi
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null || status=$?
 [ "$had_policy" = 1 ] || $SUDO rm -f "$policy"
 [ "${status:-0}" = 0 ] || exit "$status"

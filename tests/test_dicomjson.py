@@ -106,3 +106,21 @@ def test_elements_after_the_pixel_data_are_described_and_trailing_padding_is_not
     assert item["04000120"]["vr"] == "OB" and "InlineBinary" in item["04000120"]
     assert "FFFCFFFC" not in doc
     assert list(doc).index("FFFAFFFA") > list(doc).index("7FE00010")
+
+
+@pytest.mark.parametrize("tail", [b"\x13\x37" * 40, bytes(range(7, 250)), b"\xff" * 9,
+                                  b"\x09\x00\x10\x00LO\x04\x00ABCD"])  # a private LO
+def test_garbage_after_the_pixel_data_is_ignored_not_an_error(tmp_path: Any,
+                                                              tail: bytes) -> None:
+    """Bytes after the pixel data that are no elements (accepted at ingest as they are)
+    must not break the metadata: the elements before them are described."""
+    from tests.support import make_ct, write_part10
+
+    path = write_part10(make_ct(), tmp_path / "tail.dcm")
+    with open(path, "ab") as fh:
+        fh.write(tail)
+    with open(path, "rb") as fh:
+        doc = instance_json(fh)
+    assert doc["7FE00010"]["BulkDataURI"].endswith("/bulkdata/7FE00010")
+    assert doc["00100010"]["Value"] == [{"Alphabetic": "Test^Patient"}]
+    assert all(key <= "7FE00010" for key in doc)

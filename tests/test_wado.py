@@ -833,6 +833,32 @@ def test_frames_of_one_bit_pixel_data_are_each_packed_from_bit_zero(
                 'multipart/related; type="application/octet-stream"').status_code == 404
 
 
+def test_frames_of_a_file_replaced_before_re_indexing_come_from_the_new_file(
+        archive: Archive, tmp_path: Path) -> None:
+    """The index's frame offsets describe the file as indexed; a file replaced since (a
+    re-send not yet re-indexed, here with a longer header and other pixels) is detected
+    and its frames are read through its own header, never at the stale offsets."""
+    from tests.support import make_ct, write_part10
+
+    ds = make_ct(size=32)
+    path = write_part10(ds, tmp_path / "first.dcm")
+    assert [s.Status for s in c_store(archive, [path])] == [0]
+    f = SampleFile(path=path, sop_class=str(ds.SOPClassUID), sop_uid=str(ds.SOPInstanceUID),
+                   study_uid=str(ds.StudyInstanceUID), series_uid=str(ds.SeriesInstanceUID),
+                   transfer_syntax=str(ds.file_meta.TransferSyntaxUID), frames=1,
+                   rows=32, columns=32, bits_allocated=16, photometric="MONOCHROME2")
+    _wait_indexed(archive, [f])
+    assert _frame_offsets(archive, [f.sop_uid])[f.sop_uid][0] is not None
+    ds.PatientName = "A^Much^Longer^Name^Than^Before"
+    ds.PixelData = bytes(reversed(ds.PixelData))
+    stored = archive.stored_path("default", f.study_uid, f.series_uid, f.sop_uid)
+    write_part10(ds, tmp_path / "second.dcm").replace(stored)
+    response = _get(f"{_url(archive, f)}/frames/1",
+                    'multipart/related; type="application/octet-stream"')
+    assert response.status_code == 200
+    assert [body for _, body in _parts(response)] == [ds.PixelData]
+
+
 def test_frames_requested_in_their_stored_image_media_type_are_the_fragments(
         archive: Archive, files: dict[str, SampleFile], client: DICOMwebClient) -> None:
     for name, media_type in (("emri_j2k", "image/jp2"), ("emri_jls", "image/jls"),
@@ -938,6 +964,35 @@ def test_bulk_data_multipart_is_one_octet_stream_part(
     [(content_type, body)] = _parts(response)
     assert content_type == "application/octet-stream"
     assert body == pydicom.dcmread(f.path)[0x00431029].value
+
+
+def test_bulk_data_after_the_pixel_data_resolves(archive: Archive, tmp_path: Path) -> None:
+    """A large value stored after the pixel data (a certificate in the Digital Signatures
+    Sequence) is a BulkDataURI in the metadata, and that URI gives its bytes."""
+    from tests.support import make_ct, write_part10
+
+    ds = make_ct()
+    signature = Dataset()
+    signature.MACIDNumber = 1
+    signature.CertificateType = "X509_1993_SIG"
+    signature.CertificateOfSigner = bytes(range(256)) * 8  # 2 KiB: a BulkDataURI
+    ds.DigitalSignaturesSequence = [signature]
+    path = write_part10(ds, tmp_path / "signed.dcm")
+    assert [s.Status for s in c_store(archive, [path])] == [0]
+    f = SampleFile(path=path, sop_class=str(ds.SOPClassUID), sop_uid=str(ds.SOPInstanceUID),
+                   study_uid=str(ds.StudyInstanceUID), series_uid=str(ds.SeriesInstanceUID),
+                   transfer_syntax=str(ds.file_meta.TransferSyntaxUID), frames=1,
+                   rows=ds.Rows, columns=ds.Columns, bits_allocated=16,
+                   photometric="MONOCHROME2")
+    _wait_indexed(archive, [f])
+    response = _get(_url(archive, f) + "/metadata", DICOM_JSON)
+    assert response.status_code == 200
+    (item,) = response.json()[0]["FFFAFFFA"]["Value"]
+    uri = item["04000115"]["BulkDataURI"]
+    assert uri.endswith("/bulkdata/FFFAFFFA/0/04000115")
+    bulk = _get(uri, "application/octet-stream")
+    assert bulk.status_code == 200
+    assert bulk.content == bytes(range(256)) * 8
 
 
 def test_bulk_data_bad_tag_is_400_and_unknown_tag_is_404(

@@ -11,6 +11,7 @@ them against the request's base URL.
 from __future__ import annotations
 
 import base64
+import logging
 import math
 import struct
 from typing import IO, Any
@@ -22,6 +23,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from dicomcloud.header import ITEM, SEQUENCE_END, read_open_file
+
+log = logging.getLogger(__name__)
 
 #: Binary values whose base64 form is longer than this become BulkDataURIs.
 BULK_THRESHOLD = 1024
@@ -49,7 +52,11 @@ def instance_json(fp: IO[bytes]) -> dict[str, Any]:
     trailing = None
     if has_pixels and _bytes_after_pixels(fp, ds, pixels_at):
         fp.seek(0)  # rare (digital signatures, say): read the whole file for them
-        trailing = _after_pixels(pydicom.dcmread(fp, force=True))
+        try:
+            trailing = _after_pixels(pydicom.dcmread(fp, force=True))
+        except Exception as exc:  # bytes that are no elements: describe what came before
+            log.warning("metadata of %s: ignoring unreadable bytes after the pixel data "
+                        "(%s)", ds.get("SOPInstanceUID", "?"), exc)
     return dataset_json(ds, base, has_pixels=has_pixels, trailing=trailing)
 
 
@@ -60,7 +67,10 @@ def _after_pixels(full: Dataset) -> Dataset | None:
     found = Dataset()
     for element in full:
         if element.tag > 0x7FE00010 and element.tag != 0xFFFCFFFC:
-            found.add(element)
+            if pydicom.datadict.dictionary_has_tag(element.tag):
+                found.add(element)
+            else:  # an unknown tag after the pixels is garbage, not data
+                log.warning("ignoring unknown element %s after the pixel data", element.tag)
     return found if len(found) else None
 
 

@@ -173,8 +173,9 @@ class Index(AbstractAsyncContextManager["Index"], Protocol):
     async def next_due(self, max_retries: int) -> dt.datetime | None:
         """The oldest ``flag_time`` among series waiting for metadata, or None."""
 
-    async def finish_series(self, task: JsonTask, ok: bool) -> bool:
-        """Mark metadata of ``task`` done or failed; False if it was flagged again since."""
+    async def finish_series(self, task: JsonTask, ok: bool, retry_in: float = 0.0) -> bool:
+        """Mark metadata of ``task`` done or failed; False if it was flagged again since.
+        A failed series is due again ``retry_in`` seconds (plus the quiet period) later."""
 
     async def count_instances(self, tenant_id: str | None = None) -> int:
         """Number of indexed instances."""

@@ -13,6 +13,7 @@ import importlib
 import logging
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack
 from typing import Any, TypeVar
@@ -91,10 +92,19 @@ class Runtime:
         """Reasons this process is not ready yet (empty when ready)."""
         return [reason for check in self.readiness if (reason := check())]
 
-    async def generation(self, tenant_id: str) -> str:
-        """Version of a tenant's index content, bumped by the consumer (cache keys)."""
-        value = await self.cache.get(f"gen:{tenant_id}")
-        return value.decode() if value else "0"
+    async def generation(self, tenant_id: str) -> str | None:
+        """Version of a tenant's index content, bumped by the consumer (cache keys).
+
+        An absent counter (a new or restarted cache, or one flushed after an outage)
+        starts from the clock in nanoseconds, never from 0: a result computed before the
+        loss and stored under an old number can then never match a later number."""
+        key = f"gen:{tenant_id}"
+        value = await self.cache.get(key)
+        if value:
+            return value.decode()
+        await self.cache.set(key, str(time.time_ns()).encode())
+        value = await self.cache.get(key)
+        return value.decode() if value else None  # the cache is away
 
     async def bump_generation(self, tenant_id: str) -> None:
         """Invalidate cached query results of a tenant."""

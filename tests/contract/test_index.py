@@ -483,3 +483,13 @@ async def test_flag_time_is_the_current_flag(index: SqlIndex) -> None:
     await index.apply([make_instance(e.study_uid, e.series_uid)])
     newer = await index.flag_time(TENANT, e.study_uid, e.series_uid)
     assert newer is not None and newer > task.flag_time
+
+
+async def test_a_failed_series_waits_retry_in_seconds(index: SqlIndex) -> None:
+    item = make_instance(new_uid(), new_uid())
+    await index.apply([item])
+    (task,) = await index.due_series(utcnow() + FUTURE, 5, 100)
+    assert await index.finish_series(task, ok=False, retry_in=120) is True
+    assert await index.due_series(utcnow() + FUTURE, 5, 100) == []
+    (again,) = await index.due_series(utcnow() + dt.timedelta(seconds=180), 5, 100)
+    assert again.retry_times == 1

@@ -138,8 +138,15 @@ class KafkaQueue:
                 new = [NewTopic(self.prefix + n, self.partitions, self.replication)
                        for n in missing if self.prefix + n not in existing]
                 if new:
-                    with contextlib.suppress(TopicAlreadyExistsError):  # a racing node
-                        await admin.create_topics(new)
+                    response = await admin.create_topics(new)
+                    failed = [(e[0], e[1], e[2] if len(e) > 2 else None)  # v0 has no text
+                              for e in getattr(response, "topic_errors", [])
+                              if e[1] not in (0, TopicAlreadyExistsError.errno)]
+                    if failed:  # 36 (already exists): a node starting at the same time
+                        raise BackendError("cannot create Kafka topic(s): " + "; ".join(
+                            f"{name}: error {code} {message or ''}".strip()
+                            for name, code, message in failed)
+                            + " (check partitions= and replication= of queue_url)")
                     log.info("created Kafka topic(s) %s with %d partition(s)",
                              ", ".join(t.name for t in new), self.partitions)
             except (KafkaError, OSError) as exc:

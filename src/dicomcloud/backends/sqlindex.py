@@ -90,7 +90,7 @@ class SqlIndex:
                 return await asyncio.to_thread(_run_sync, self._sync, fn, write)
             async with self.engine.begin() if write else self.engine.connect() as conn:
                 return await conn.run_sync(fn)
-        except SQLAlchemyError as exc:
+        except (SQLAlchemyError, OSError, TimeoutError) as exc:  # OSError: refused connect
             raise BackendError(f"{what} failed: {exc}") from exc
 
     async def apply(
@@ -99,7 +99,9 @@ class SqlIndex:
         if not items:
             return [], []
         # Rows are written in key order: two consumers upserting overlapping batches then
-        # take their row locks in the same order and cannot deadlock (PostgreSQL).
+        # take their row locks in the same order (PostgreSQL). (Instances moving between
+        # two series in opposite directions at once can still deadlock; PostgreSQL aborts
+        # one transaction and its consumer retries the batch.)
         latest = [item for _, item in sorted(
             {(i.event.tenant_id, i.event.sop_uid): i for i in items}.items())]
         now = utcnow()
@@ -183,12 +185,12 @@ class SqlIndex:
         stmt = sa.select(sa.func.min(json_meta.c.flag_time)).where(_pending(max_retries))
         return await self._run(lambda conn: conn.execute(stmt).scalar_one_or_none())
 
-    async def finish_series(self, task: JsonTask, ok: bool) -> bool:
+    async def finish_series(self, task: JsonTask, ok: bool, retry_in: float = 0.0) -> bool:
         j = json_meta.c
         values: dict[str, Any] = {"json_status": 1}
         if not ok:
             values = {"json_status": 2, "retry_times": task.retry_times + 1,
-                      "flag_time": _flag_time()}
+                      "flag_time": _flag_time() + dt.timedelta(seconds=retry_in)}
         stmt = json_meta.update().where(
             j.tenant_id == task.tenant_id, j.study_uid == task.study_uid,
             j.series_uid == task.series_uid, j.flag_time == task.flag_time,

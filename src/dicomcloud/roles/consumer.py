@@ -118,7 +118,10 @@ class Consumer:
         event = StoredObject(**_fields(message.body))
         with self.runtime.storage.open(event.file_path) as fh:
             ds, at = read_open_file(fh)  # the header only: no need for the pixels
-            frames = native_frames(fh, ds, at, event.file_size)
+            try:  # an optimisation for frame requests: never a reason to park an instance
+                frames = native_frames(fh, ds, at, event.file_size)
+            except Exception:
+                frames = None
         item = indexed_instance(ds, event)
         if frames is None:
             return item

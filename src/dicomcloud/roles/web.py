@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import hashlib
 import logging
+import os
 import re
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -171,8 +172,13 @@ class DicomWeb:
             headers["Warning"] = ", ".join(warnings)
         return Response(body, media_type=DICOM_JSON, headers=headers)
 
-    async def _cache_key(self, tenant: str, level: str, request: Request, base: str) -> str:
+    async def _cache_key(self, tenant: str, level: str, request: Request,
+                         base: str) -> str | None:
+        """The cache key of a QIDO-RS result; None (do not cache) when the cache cannot
+        tell the tenant's generation."""
         generation = await self.runtime.generation(tenant)
+        if generation is None:
+            return None
         digest = hashlib.blake2b(
             f"{base}|{request.url.path}|{request.url.query}".encode(), digest_size=16
         ).hexdigest()
@@ -342,17 +348,21 @@ class DicomWeb:
         numbers = wado.parse_frame_list(request.path_params["frames"])
         ranges = wado.parse_accept(request.headers.get("accept"))
         row = (await self._rows(request))[0]
+        found = None
         if row.pixel_offset is not None and row.frame_size:  # found by the consumer
-            syntax, parts = await asyncio.to_thread(self._native_frames, row, numbers, ranges)
-        else:
-            syntax, parts = await asyncio.to_thread(self._frames, row.file_path, numbers,
-                                                    ranges)
+            found = await asyncio.to_thread(self._native_frames, row, numbers, ranges)
+        if found is None:  # compressed, bit-packed, or the file changed since indexing
+            found = await asyncio.to_thread(self._frames, row.file_path, numbers, ranges)
+        syntax, parts = found
         return _multipart(parts, syntax)
 
     def _native_frames(self, row: InstanceRow, numbers: list[int],
-                       ranges: list[wado.MediaRange]) -> tuple[str, list[tuple[str, bytes]]]:
+                       ranges: list[wado.MediaRange]
+                       ) -> tuple[str, list[tuple[str, bytes]]] | None:
         """Frames of uncompressed little-endian pixel data at the offsets the index holds:
-        as stored and as native they are the same bytes (PS3.18 8.7.3.5.2)."""
+        as stored and as native they are the same bytes (PS3.18 8.7.3.5.2). None when
+        the file is not the one indexed (re-sent and not yet re-indexed): same size and
+        a Pixel Data element header right before the offset, or the header is read."""
         mode, syntax = _frame_mode(ranges, row.transfer_syntax_uid)
         for n in numbers:
             if not 1 <= n <= row.number_of_frames:
@@ -361,10 +371,16 @@ class DicomWeb:
         label = row.transfer_syntax_uid if mode == "stored" else syntax
         content_type = f"application/octet-stream; transfer-syntax={label}"
         assert row.pixel_offset is not None and row.frame_size is not None
-        size = row.frame_size
+        size, offset = row.frame_size, row.pixel_offset
         with self._open(row.file_path) as fh:
+            if os.fstat(fh.fileno()).st_size != row.file_size or offset < 12:
+                return None
+            fh.seek(offset - 12)
+            head = fh.read(12)
+            if not (head[4:8] == b"\xe0\x7f\x10\x00" or head[:4] == b"\xe0\x7f\x10\x00"):
+                return None  # (7FE0,0010) implicit (tag, length) or explicit (tag, VR, length)
             return syntax, [(content_type, wado.read_pieces(
-                fh, [(row.pixel_offset + (n - 1) * size, size)])) for n in numbers]
+                fh, [(offset + (n - 1) * size, size)])) for n in numbers]
 
     def _frames(self, path: str, numbers: list[int],
                 ranges: list[wado.MediaRange]) -> tuple[str, list[tuple[str, bytes]]]:
@@ -457,8 +473,8 @@ class DicomWeb:
                     return [(octet, wado._little_endian_pixels(full))]
                 fh.seek(layout.value_start)
                 return [(octet, fh.read(layout.length))]
-            fh.seek(0)
-            node: Any = pydicom.dcmread(fh, stop_before_pixels=True)
+            fh.seek(0)  # elements after the pixel data (signatures) need the whole file
+            node: Any = pydicom.dcmread(fh, stop_before_pixels=tags[0] < 0x7FE00010)
         try:
             for depth, tag in enumerate(tags):
                 element = node[tag]

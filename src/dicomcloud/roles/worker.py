@@ -55,20 +55,34 @@ class MetadataBuilder:
         return len(docs)
 
     async def _write_study(self, task: JsonTask) -> None:
+        """The study document from the series documents. Another worker node may rewrite
+        a series document while this one assembles the study: whoever writes the study
+        last then finds a series document changed under it and assembles again, so the
+        study document ends up made of the newest series documents."""
         rt = self.runtime
-        rows = await rt.index.instances(task.tenant_id, task.study_uid)
-        series = sorted({r.series_uid for r in rows})
-        parts: list[bytes] = []
-        for series_uid in series:
-            path = f"{task.tenant_id}/{task.study_uid}/{series_uid}.json"
-            doc = await asyncio.to_thread(rt.storage.read_metadata, path)
-            if doc is None:  # not generated yet: its own task will follow; build it now
-                sub = [r.file_path for r in rows if r.series_uid == series_uid]
-                doc = orjson.dumps(await asyncio.to_thread(self._read, sub))
-            parts.append(doc[1:-1])
-        study_doc = b"[" + b",".join(p for p in parts if p) + b"]"
-        await asyncio.to_thread(
-            rt.storage.write_metadata, f"{task.tenant_id}/{task.study_uid}.json", study_doc)
+        for _ in range(5):
+            rows = await rt.index.instances(task.tenant_id, task.study_uid)
+            series = sorted({r.series_uid for r in rows})
+            parts: list[bytes] = []
+            used: dict[str, bytes] = {}
+            for series_uid in series:
+                path = f"{task.tenant_id}/{task.study_uid}/{series_uid}.json"
+                doc = await asyncio.to_thread(rt.storage.read_metadata, path)
+                if doc is None:  # not generated yet: its own task follows; build it now
+                    sub = [r.file_path for r in rows if r.series_uid == series_uid]
+                    doc = orjson.dumps(await asyncio.to_thread(self._read, sub))
+                else:
+                    used[path] = doc
+                parts.append(doc[1:-1])
+            study_doc = b"[" + b",".join(p for p in parts if p) + b"]"
+            await asyncio.to_thread(rt.storage.write_metadata,
+                                    f"{task.tenant_id}/{task.study_uid}.json", study_doc)
+            now = {path: await asyncio.to_thread(rt.storage.read_metadata, path)
+                   for path in used}
+            if now == used:
+                return
+        log.warning("study %s: its series documents kept changing; the next change of the "
+                    "study rebuilds its document", task.study_uid)
 
     def _read(self, paths: list[str]) -> list[dict[str, Any]]:
         docs = []
@@ -127,7 +141,9 @@ async def _run_task(runtime: Runtime, builder: MetadataBuilder, task: JsonTask) 
     except Exception as exc:
         log.error("metadata of series %s failed (attempt %d): %s", task.series_uid,
                   task.retry_times + 1, exc)
-        await runtime.index.finish_series(task, ok=False)
+        # back off: 5 s, 10 s, 20 s, ... so that a storage hiccup does not use up the retries
+        await runtime.index.finish_series(task, ok=False,
+                                          retry_in=min(5.0 * 2 ** task.retry_times, 300.0))
         return
     if await runtime.index.finish_series(task, ok=True):
         log.debug("metadata of series %s: %d instance(s)", task.series_uid, count)
