@@ -470,3 +470,39 @@ def test_consumer_killed_and_redis_restarted_during_ingest_lose_and_duplicate_no
 def _indexed_count(cluster: Cluster, sent: Sent) -> int:
     rows, _, _ = index_counts(cluster, sent)
     return rows
+
+
+def test_a_poison_storage_event_is_parked_with_its_error_and_the_partition_goes_on(
+        cluster: Cluster, tmp_path: Path) -> None:
+    """An event the consumer cannot index (its file does not exist) is retried, then parked
+    on storage_queue.dlq with its error; instances of the same study (same key, so the
+    same partition) sent after it are indexed all the same."""
+    from aiokafka import AIOKafkaProducer
+
+    sent = make_files(tmp_path, 20)
+    study = next(iter(sent.studies))
+    poison = {"tenant_id": "default", "study_uid": study, "series_uid": "1.2.3",
+              "sop_uid": "1.2.3.4", "file_path": "default/1.2/3.4/5.6.dcm"}
+
+    async def publish() -> None:
+        import orjson
+
+        producer = AIOKafkaProducer(bootstrap_servers=cluster.kafka, acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait(cluster.prefix + "storage_queue",
+                                         orjson.dumps(poison), key=study.encode())
+        finally:
+            await producer.stop()
+
+    asyncio.run(publish())
+    finish(store(cluster, sent, associations=1))
+    wait_all_indexed(cluster, sent, timeout=120)
+
+    def parked() -> list[dict[str, Any]]:  # the whole dead-letter topic, read for 3 s
+        return [p for p in consume_topic(cluster, "storage_queue.dlq", {"all"}, timeout=3)
+                if p.get("message", {}).get("file_path") == poison["file_path"]]
+    ours = wait_until(parked, timeout=90, interval=0, message="the poison event parked")
+    assert len(ours) == 1, ours
+    assert ours[0]["error"]
+    check_exactly_once(cluster, sent)
