@@ -493,3 +493,22 @@ async def test_a_failed_series_waits_retry_in_seconds(index: SqlIndex) -> None:
     assert await index.due_series(utcnow() + FUTURE, 5, 100) == []
     (again,) = await index.due_series(utcnow() + dt.timedelta(seconds=180), 5, 100)
     assert again.retry_times == 1
+
+
+async def test_patient_name_exact_match_covers_the_first_component_group_only(
+        index: SqlIndex) -> None:
+    """PS3.4 C.2.2.2.1 with PN folding: "Doe^John" finds "DOE^JOHN" and the multi-group
+    "Doe^John=ドウ^ジョン", never "Doe^Johnny" nor "Doe^John Jr" (served by the folded-name
+    index of migration 0003)."""
+    names = {"plain": "DOE^JOHN", "groups": "Doe^John=ドウ^ジョン", "longer": "Doe^Johnny",
+             "suffix": "Doe^John Jr", "other": "Roe^John"}
+    studies = {}
+    for label, name in names.items():
+        item = make_instance(new_uid(), new_uid(), patient_name=name)  # UTF-8 data set
+        await index.apply([item])
+        studies[label] = item.event.study_uid
+    rows = await index.search(query("study", ("PatientName", "doe^john")))
+    assert set(column(rows, "study_uid")) == {studies["plain"], studies["groups"]}
+    rows = await index.search(query("study", ("PatientName", "DOE^JOHN*")))
+    assert set(column(rows, "study_uid")) == {studies[k] for k in ("plain", "groups",
+                                                                   "longer", "suffix")}

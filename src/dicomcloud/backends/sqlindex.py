@@ -405,6 +405,8 @@ def _state_row(item: IndexedInstance, now: dt.datetime) -> dict[str, Any]:
     for name in ("study_date", "patient_birth_date", "series_date"):
         row[name] = _to_date(row[name])
     row.update(dataclasses.asdict(item.extra))
+    # folded as the query folds its value (str.lower), for ix_state_patient_name
+    row["patient_name_lower"] = row["patient_name"].lower() if row["patient_name"] else None
     row["created_time"] = row["updated_time"] = now
     row["series_related_instances"] = 0
     return row
@@ -425,13 +427,17 @@ def _condition(match: Match, column: sa.ColumnElement[Any]) -> sa.ColumnElement[
     if match.kind == "list":
         return column.in_(values)
     if attr.vr == "PN":
-        lowered = sa.func.lower(column)
+        lowered = (state.c.patient_name_lower if attr.column == "patient_name"
+                   else sa.func.lower(column))  # the stored folded name has an index
         if match.kind == "wildcard":
             pattern = like_pattern(str(values[0]).lower())
             return sa.or_(lowered.like(pattern, escape="\\"),
                           lowered.like(pattern + "=%", escape="\\"))
         value = str(values[0]).lower()
-        return sa.or_(lowered == value, lowered.like(like_pattern(value) + "=%", escape="\\"))
+        # the name, or its first component group ("=" separates the groups); the range
+        # [value, value + ">") holds both ("=" < ">") and lets an index serve the search
+        return sa.and_(lowered >= value, lowered < value + ">", sa.or_(
+            lowered == value, lowered.like(like_pattern(value) + "=%", escape="\\")))
     if match.kind == "wildcard":
         return column.like(like_pattern(str(values[0])), escape="\\")
     equal: sa.ColumnElement[bool] = column == values[0]

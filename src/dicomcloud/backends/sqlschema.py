@@ -54,6 +54,7 @@ state = sa.Table(
     sa.Column("updated_time", sa.DateTime, nullable=False),
     sa.Column("referring_physician_name", sa.Text),
     sa.Column("specific_character_set", sa.String(128)),
+    sa.Column("patient_name_lower", sa.Text),
 )
 
 instance = sa.Table(
