@@ -144,6 +144,12 @@ class Settings:
         """``storage_url``, or ``storage/`` in the data directory."""
         return self.storage_url or f"file://{self.data_dir.resolve() / 'storage'}"
 
+    @property
+    def tenants(self) -> frozenset[str]:
+        """The tenants this archive serves: the default one and every one an AE title of
+        ``scp.ae_tenants`` maps to."""
+        return frozenset({self.default_tenant, *self.scp.ae_tenants.values()})
+
     def tenant_for_called_ae(self, called_ae: str) -> str | None:
         """Tenant served under a called AE title, None when the title is unknown.
 

@@ -103,10 +103,19 @@ class DicomWeb:
             if proto in ("http", "https") and _HOST_RE.fullmatch(host) and \
                     _PREFIX_RE.fullmatch(prefix):
                 base = f"{proto}://{host}{prefix}"
+        if "tenant" in request.path_params:  # a tenant's own root
+            return f"{base}/tenants/{self.tenant(request)}{self.settings.web.root}"
         return base + self.settings.web.root
 
     def tenant(self, request: Request) -> str:
-        return self.settings.default_tenant
+        """The tenant addressed: the default one at the DICOMweb root, any known tenant
+        under ``/tenants/{tenant}{root}`` (404 for an unknown one)."""
+        tenant = request.path_params.get("tenant")
+        if tenant is None:
+            return self.settings.default_tenant
+        if tenant not in self.settings.tenants:
+            raise NotFound(f"no tenant {tenant[:64]!r} here")
+        return str(tenant)
 
     # -- STOW-RS ------------------------------------------------------------------------
     async def stow(self, request: Request) -> Response:
@@ -676,6 +685,8 @@ def create_app(runtime: Runtime) -> Starlette:
         Route("/healthz", web.healthz),
         Route("/readyz", web.readyz),
         Mount(runtime.settings.web.root, routes=dicomweb),
+        # every tenant at a root of its own (the default one at both)
+        Mount("/tenants/{tenant}" + runtime.settings.web.root, routes=dicomweb),
     ]
 
     async def dicom_error(request: Request, exc: Exception) -> Response:
