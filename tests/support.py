@@ -145,12 +145,14 @@ class Archive:
         self.ae_title = "DICOMCLOUD"
         self.roles = roles
         self.extra_env = env or {}
+        #: HTTPS when the archive is given a certificate (web.tls_certfile)
+        self.scheme = "https" if self.extra_env.get("DICOMCLOUD_WEB__TLS_CERTFILE") else "http"
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"{data_dir.name}-server.log"
 
     @property
     def base(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{self.scheme}://127.0.0.1:{self.http_port}"
 
     @property
     def url(self) -> str:
@@ -182,7 +184,7 @@ class Archive:
             if self.proc.poll() is not None:
                 pytest.fail(f"archive exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                if (httpx.get(f"{self.base}/readyz", timeout=1).status_code == 200
+                if (httpx.get(f"{self.base}/readyz", timeout=1, verify=False).status_code == 200
                         and ("scp" not in self.roles or self._dimse_open())):
                     return
             except httpx.HTTPError:

@@ -21,7 +21,7 @@ def dicomcloud(*args: str, cwd: Path = ROOT, env: dict[str, str] | None = None
 def test_help_lists_every_command() -> None:
     result = dicomcloud("--help")
     assert result.returncode == 0
-    for command in ("run", "migrate", "import", "config"):
+    for command in ("run", "migrate", "import", "config", "certs"):
         assert command in result.stdout
 
 

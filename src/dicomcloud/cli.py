@@ -193,6 +193,28 @@ def import_(
         raise typer.Exit(1)
 
 
+@app.command()
+def certs(
+    out: Annotated[Path, typer.Option(help="Directory to write the PEM files to.")] = Path(
+        "dicomcloud-certs"),
+    host: Annotated[list[str] | None, typer.Option(
+        help="Host name or IP address the server certificate is for (repeat the option); "
+             "[default: localhost and 127.0.0.1].")] = None,
+    days: Annotated[int, typer.Option(help="Validity in days.")] = 825,
+) -> None:
+    """Make a development CA, a server and a client certificate (for testing HTTPS only:
+    the CA's private key is written next to them)."""
+    from dicomcloud.certs import make_development_certs
+
+    names = host or ["localhost", "127.0.0.1"]
+    issued = make_development_certs(out, names, days)
+    console.print(f"wrote a development CA and certificates for {', '.join(names)} to {out}/")
+    console.print("serve HTTPS with:\n"
+                  f"  DICOMCLOUD_WEB__TLS_CERTFILE={issued.server_cert} "
+                  f"DICOMCLOUD_WEB__TLS_KEYFILE={issued.server_key} dicomcloud run\n"
+                  f"and let clients trust {issued.ca} (curl --cacert {issued.ca} ...)")
+
+
 @config_app.command("show")
 def config_show(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
     """Print the effective settings (after files, environment and options), secrets masked."""

@@ -79,6 +79,10 @@ class WebSettings:
     #: Build retrieve and BulkDataURI URLs from X-Forwarded-Proto/-Host/-Prefix. Only behind
     #: a reverse proxy that sets them (any client could otherwise steer the URLs).
     trust_forwarded_headers: bool = False
+    #: HTTPS (and HTTP/2 by ALPN): PEM certificate chain and private key files. Both empty
+    #: serve plain HTTP. ``dicomcloud certs`` makes a development CA and certificates.
+    tls_certfile: str = ""
+    tls_keyfile: str = ""
 
 
 @dataclass(frozen=True)
@@ -297,3 +301,13 @@ def _check(settings: Settings) -> None:
         raise ConfigError("scp.ae_title must be 1-16 characters (PS3.5 AE value representation)")
     if not settings.web.root.startswith("/") or settings.web.root.endswith("/"):
         raise ConfigError("web.root must start with '/' and not end with one, e.g. /dicomweb")
+    web = settings.web
+    if bool(web.tls_certfile) != bool(web.tls_keyfile):
+        raise ConfigError("web.tls_certfile and web.tls_keyfile go together: set both for "
+                          "HTTPS, or neither for HTTP")
+    if "web" in settings.roles:
+        for name in (web.tls_certfile, web.tls_keyfile):
+            if name and not Path(name).is_file():
+                raise ConfigError(f"TLS file {name!r} not found (web.tls_certfile / "
+                                  "web.tls_keyfile); `dicomcloud certs` makes development "
+                                  "ones")

@@ -719,6 +719,8 @@ def hypercorn_config(runtime: Runtime) -> HypercornConfig:
     config.errorlog = logging.getLogger("hypercorn.error")
     config.keep_alive_timeout = 75
     config.include_server_header = False
+    if s.tls_certfile:  # HTTPS, HTTP/2 by ALPN (RFC 9113); checked by config._check
+        config.certfile, config.keyfile = s.tls_certfile, s.tls_keyfile
     return config
 
 
@@ -745,7 +747,8 @@ async def run(runtime: Runtime, stop: asyncio.Event) -> None:
     config = hypercorn_config(runtime)
     sock = _listen(s.host, s.port, s.reuse_port)
     config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns the descriptor from here
-    log.info("DICOMweb on http://%s:%d%s", s.host, s.port, s.root)
+    log.info("DICOMweb on %s://%s:%d%s", "https" if config.ssl_enabled else "http",
+             s.host, s.port, s.root)
     runtime.mark_listening()
     await hypercorn_serve(create_app(runtime), config,  # type: ignore[arg-type]
                           shutdown_trigger=stop.wait)
