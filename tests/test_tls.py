@@ -109,3 +109,58 @@ def test_half_configured_tls_is_a_clear_start_error(tmp_path: Path, certs: Path)
                             timeout=60)
     assert result.returncode == 2
     assert "not found" in " ".join(result.stderr.split())
+
+
+# -- DICOM TLS (PS3.15 B.1) ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dimse_tls(tmp_path_factory: pytest.TempPathFactory, certs: Path) -> Iterator[Archive]:
+    """An archive whose DIMSE port speaks TLS only and asks peers for a certificate."""
+    instance = Archive(tmp_path_factory.mktemp("dicom-tls") / "data", env={
+        "DICOMCLOUD_SCP__TLS_CERTFILE": str(certs / "server.pem"),
+        "DICOMCLOUD_SCP__TLS_KEYFILE": str(certs / "server-key.pem"),
+        "DICOMCLOUD_SCP__TLS_CA_CERTS": str(certs / "ca.pem"),
+    }).start()
+    yield instance
+    if instance.alive():
+        instance.stop()
+
+
+def _tls_args(certs: Path, client_cert: bool = True) -> list[str]:
+    own = (["+tls", str(certs / "client-key.pem"), str(certs / "client.pem")] if client_cert
+           else ["+tla"])
+    return [*own, "+cf", str(certs / "ca.pem")]
+
+
+def test_echoscu_and_storescu_over_tls_with_a_client_certificate(
+        dimse_tls: Archive, certs: Path, tmp_path: Path) -> None:
+    from tests.support import require_tool, write_part10
+
+    echoscu, storescu = require_tool("echoscu"), require_tool("storescu")
+    target = ["-aec", dimse_tls.ae_title, "127.0.0.1", str(dimse_tls.dimse_port)]
+    echo = subprocess.run([echoscu, *_tls_args(certs), *target], capture_output=True,
+                          text=True, timeout=60)
+    assert echo.returncode == 0, echo.stderr
+    ds = make_ct()
+    path = write_part10(ds, tmp_path / "ct.dcm")
+    store = subprocess.run([storescu, *_tls_args(certs), *target, str(path)],
+                           capture_output=True, text=True, timeout=60)
+    assert store.returncode == 0, store.stderr
+    wait_until(lambda: dimse_tls.count(str(ds.StudyInstanceUID)) == 1,
+               message="the instance stored over TLS indexed")
+
+
+def test_plain_or_certificate_less_peers_are_refused_and_tls_goes_on(
+        dimse_tls: Archive, certs: Path) -> None:
+    from tests.support import require_tool
+
+    echoscu = require_tool("echoscu")
+    target = ["-aec", dimse_tls.ae_title, "127.0.0.1", str(dimse_tls.dimse_port)]
+    plain = subprocess.run([echoscu, *target], capture_output=True, text=True, timeout=60)
+    assert plain.returncode != 0
+    anonymous = subprocess.run([echoscu, *_tls_args(certs, client_cert=False), *target],
+                               capture_output=True, text=True, timeout=60)
+    assert anonymous.returncode != 0
+    again = subprocess.run([echoscu, *_tls_args(certs), *target], capture_output=True,
+                           text=True, timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert "refused" in dimse_tls.log()

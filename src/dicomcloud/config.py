@@ -56,6 +56,13 @@ class ScpSettings:
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 120.0
+    #: DICOM TLS (PS3.15 B.1, TLS 1.2 or newer): PEM certificate chain and private key; both
+    #: empty serve plain TCP. With TLS every connection to ``port`` must use it.
+    tls_certfile: str = ""
+    tls_keyfile: str = ""
+    #: PEM file of the CAs whose client certificates are accepted; set, every peer must
+    #: present one (mutual authentication); empty, peers are not asked for one.
+    tls_ca_certs: str = ""
 
 
 @dataclass(frozen=True)
@@ -301,13 +308,14 @@ def _check(settings: Settings) -> None:
         raise ConfigError("scp.ae_title must be 1-16 characters (PS3.5 AE value representation)")
     if not settings.web.root.startswith("/") or settings.web.root.endswith("/"):
         raise ConfigError("web.root must start with '/' and not end with one, e.g. /dicomweb")
-    web = settings.web
-    if bool(web.tls_certfile) != bool(web.tls_keyfile):
-        raise ConfigError("web.tls_certfile and web.tls_keyfile go together: set both for "
-                          "HTTPS, or neither for HTTP")
-    if "web" in settings.roles:
-        for name in (web.tls_certfile, web.tls_keyfile):
-            if name and not Path(name).is_file():
-                raise ConfigError(f"TLS file {name!r} not found (web.tls_certfile / "
-                                  "web.tls_keyfile); `dicomcloud certs` makes development "
-                                  "ones")
+    for role, section in (("scp", settings.scp), ("web", settings.web)):
+        if bool(section.tls_certfile) != bool(section.tls_keyfile):
+            raise ConfigError(f"{role}.tls_certfile and {role}.tls_keyfile go together: set "
+                              "both for TLS, or neither")
+        if role in settings.roles:
+            for name in (section.tls_certfile, section.tls_keyfile,
+                         getattr(section, "tls_ca_certs", "")):
+                if name and not Path(name).is_file():
+                    raise ConfigError(f"TLS file {name!r} of the {role} role not found; "
+                                      "`dicomcloud certs` makes development ones")
+

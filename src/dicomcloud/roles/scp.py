@@ -20,6 +20,7 @@ import contextlib
 import logging
 import socket
 import socketserver
+import ssl
 import struct
 import threading
 import time
@@ -34,6 +35,7 @@ from pynetdicom.service_class import StorageServiceClass, VerificationServiceCla
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
+from dicomcloud.config import ScpSettings
 from dicomcloud.errors import DicomCloudError, InvalidInstance
 from dicomcloud.ingest import (
     IMPLEMENTATION_CLASS_UID,
@@ -196,7 +198,8 @@ async def run(runtime: Runtime, stop: asyncio.Event) -> None:
     service = StoreService(runtime, asyncio.get_running_loop())
     ae = make_ae(runtime)
     server = _start_server(ae, (s.host, s.port), service, reuse_port=s.reuse_port)
-    log.info("DIMSE listening on %s:%d as %s", s.host, s.port, s.ae_title)
+    log.info("DIMSE listening on %s:%d as %s%s", s.host, s.port, s.ae_title,
+             " (TLS only)" if s.tls_certfile else "")
     runtime.mark_listening()
     await stop.wait()
     await asyncio.to_thread(_drain, ae, server, runtime.settings.web.graceful_timeout)
@@ -232,6 +235,7 @@ class DimseServer(ThreadedAssociationServer):
             implementation_version=IMPLEMENTATION_VERSION,
             transfer_syntaxes=frozenset(str(ts) for ts in AllTransferSyntaxes),
             allowed_calling_aets=tuple(settings.allowed_calling_aets))
+        self.tls = tls_context(settings)
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     def server_bind(self) -> None:
@@ -255,6 +259,9 @@ class DimseServer(ThreadedAssociationServer):
             # Without TCP_NODELAY each small C-STORE-RSP waits for the peer's delayed ACK.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         timeout = sock.gettimeout()
+        if self.tls is not None:  # DICOM TLS: every association is pynetdicom's
+            self._serve_tls(sock, address, timeout)
+            return
         try:
             request, size = dul.peek_associate_rq(sock, settings.acse_timeout)
         except (dul.NotAnAssociation, dul.ProtocolError, ValueError, struct.error) as exc:
@@ -294,6 +301,27 @@ class DimseServer(ThreadedAssociationServer):
             with self._lock:
                 self._native.discard(sock)
 
+    def _serve_tls(self, sock: socket.socket, address: tuple[str, int],
+                   timeout: float | None) -> None:
+        """The TLS handshake (PS3.15 B.1) in this connection's own thread, bounded by the
+        ARTIM timeout, then pynetdicom serves the association (its own association limit
+        applies: the request cannot be peeked at through TLS)."""
+        assert self.tls is not None
+        settings = self.service.runtime.settings.scp
+        try:
+            secure = self.tls.wrap_socket(sock, server_side=True,
+                                          do_handshake_on_connect=False)
+            secure.settimeout(settings.acse_timeout)
+            secure.do_handshake()
+        except (ssl.SSLError, OSError) as exc:
+            log.info("TLS connection from %s refused: %s", address[0],
+                     getattr(exc, "reason", None) or exc)
+            with contextlib.suppress(OSError):
+                sock.close()
+            return
+        secure.settimeout(timeout)
+        self.process_request_thread(secure, address)
+
     def abort_native(self) -> None:
         """Drop the lean acceptor's connections (the end of a graceful stop)."""
         with self._lock:
@@ -307,6 +335,20 @@ class ReusePortServer(DimseServer):
     """A DIMSE listener whose port other listener processes may bind too."""
 
     reuse_port = True
+
+
+def tls_context(settings: ScpSettings) -> ssl.SSLContext | None:
+    """The DICOM TLS server context (PS3.15 B.1 and the BCP 195 profile of B.9: TLS 1.2 or
+    newer), None without a certificate."""
+    if not settings.tls_certfile:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.tls_certfile, settings.tls_keyfile)
+    if settings.tls_ca_certs:  # mutual authentication: the peer must prove who it is
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(settings.tls_ca_certs)
+    return context
 
 
 def _start_server(ae: AE, address: tuple[str, int], service: StoreService,
