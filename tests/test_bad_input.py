@@ -287,3 +287,45 @@ def test_after_all_bad_input_process_alive_c_echo_works_earlier_file_byte_identi
     assert archive.alive(), archive.log()
     assert echo(archive)
     assert sha256(stored_before.path) == stored_before.sha256
+
+
+# -- found by tests/test_fuzz.py -----------------------------------------------------------
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("keyword", ["StudyDate", "PatientID"])
+def test_resent_instance_with_an_unreadable_value_is_refused_and_the_stored_one_kept(
+        archive: Archive, transport: str, keyword: str, tmp_path: Path) -> None:
+    """A value pydicom cannot convert (here its VR bytes changed to one that does not
+    exist) is a refusal (0xC000), decided before the stored instance is touched."""
+    ds = make_ct(StudyDate="20240102", PatientID="FUZZ-1")
+    original = write_part10(ds, tmp_path / "original.dcm")
+    assert send(archive, transport, original) == (0, "")
+    stored = archive.stored_path("default", ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                                 ds.SOPInstanceUID)
+    before = sha256(stored)
+    data = bytearray(original.read_bytes())
+    group, element = divmod(tag_for_keyword(keyword), 0x10000)
+    at = data.index(group.to_bytes(2, "little") + element.to_bytes(2, "little"), 132)
+    data[at + 4:at + 6] = b"AA"  # no such VR
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(bytes(data))
+    status, comment = send(archive, transport, broken)
+    assert status == CANNOT_UNDERSTAND, comment
+    assert sha256(stored) == before
+
+
+@pytest.mark.parametrize("query", ["offset=9223372036854775808", "limit=%C2%B2",
+                                   "limit=" + "9" * 4301, "offset=-1"])
+def test_qido_paging_numbers_that_are_no_64_bit_integers_are_400(archive: Archive,
+                                                                query: str) -> None:
+    response = httpx.get(f"{archive.url}/studies?{query}", timeout=30)
+    assert response.status_code == 400
+    assert query.split("=")[0] in response.json()["message"]
+
+
+@pytest.mark.parametrize("quality", ["%C2%B2", "9" * 4301])
+def test_rendered_quality_that_is_no_small_integer_is_400(archive: Archive,
+                                                          quality: str) -> None:
+    ds = pydicom.dcmread(sample_file("CT_small.dcm"), stop_before_pixels=True)
+    url = (f"{archive.url}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/"
+           f"instances/{ds.SOPInstanceUID}/rendered?quality={quality}")
+    assert httpx.get(url, timeout=30).status_code == 400

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import datetime as dt
 import io
 import logging
@@ -32,7 +33,12 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
 
 from dicomcloud import __version__
-from dicomcloud.errors import CannotUnderstand, DataSetMismatch, InvalidInstance
+from dicomcloud.errors import (
+    CannotUnderstand,
+    DataSetMismatch,
+    DicomCloudError,
+    InvalidInstance,
+)
 from dicomcloud.header import HEAD_BYTES, ITEM, PIXEL_TAGS, SEQUENCE_END, read_header
 from dicomcloud.model import InstanceKey, StoredObject, body, fmt_datetime, utcnow
 from dicomcloud.ports import Outgoing, Queue, StagedFile, Storage
@@ -101,6 +107,23 @@ def dimse_file_bytes(dataset: Sequence[bytes | memoryview], transfer_syntax: str
 
 def inspect(fp: IO[bytes], size: int, *, expect_sop_uid: str | None = None,
             head: bytes | None = None) -> Dataset:
+    """``_inspect``, plus: every value the storage event carries can be read. A value that
+    pydicom cannot convert (a wrong VR, say) refuses the instance (0xC000 / STOW-RS part
+    failure) before anything is stored, never an internal error, and never after a
+    re-sent instance's file already replaced the stored one."""
+    try:
+        ds = _inspect(fp, size, expect_sop_uid=expect_sop_uid, head=head)
+        uids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+        stored_object(ds, InstanceKey("check", *uids), size, Origin("check"), "check")
+        return ds
+    except (DicomCloudError, OSError, MemoryError):
+        raise
+    except Exception as exc:
+        raise CannotUnderstand(f"an attribute value cannot be read: {exc}"[:200]) from exc
+
+
+def _inspect(fp: IO[bytes], size: int, *, expect_sop_uid: str | None = None,
+             head: bytes | None = None) -> Dataset:
     """Parse and validate the header of a Part 10 file; raise ``InvalidInstance`` if refused.
 
     Checks (PS3.4 B.2.3 statuses): readable Part 10 encoding of a data set that has at
@@ -363,9 +386,13 @@ class Ingestor:
                     origin: Origin) -> list[StoredObject]:
         """``commit`` for several files (STOW-RS): directories are synced once each."""
         keys = [_key(ds, origin) for _, ds in items]
+        # The events are made before any file moves (``inspect`` checked they can be):
+        # nothing replaces a stored file unless its event exists.
+        events = [stored_object(ds, key, staged.size, origin, self.node_id)
+                  for (staged, ds), key in zip(items, keys, strict=True)]
         sizes = self.storage.commit_many([(s, k) for (s, _), k in zip(items, keys, strict=True)])
-        return [stored_object(ds, key, size, origin, self.node_id)
-                for (_, ds), key, size in zip(items, keys, sizes, strict=True)]
+        return [dataclasses.replace(event, file_size=size) if event.file_size != size
+                else event for event, size in zip(events, sizes, strict=True)]
 
     def sync_soon(self, staged: StagedFile) -> concurrent.futures.Future[None] | None:
         """Start flushing a staged file to disk in the background (None if fsync is off)."""

@@ -151,8 +151,11 @@ def parse_qido(
 
 
 def _non_negative_int(name: str, value: str) -> int:
-    if not value.isdigit():
-        raise BadRequest(f"{name} must be a non-negative integer, not {value[:40]!r}")
+    """ASCII digits only (str.isdigit also takes "²" and other scripts' digits), and at
+    most 18 of them: the value must fit the index's 64-bit integers."""
+    if not (value.isascii() and value.isdigit()) or len(value) > 18:
+        raise BadRequest(f"{name} must be a non-negative integer below 10^18, "
+                         f"not {value[:40]!r}")
     return int(value)
 
 

@@ -70,7 +70,8 @@ def parse_params(items: list[tuple[str, str]]) -> RenderParams:
                                  "optionally followed by sx,sy,sw,sh")
             viewport = numbers
         elif name == "quality":
-            if not value.isdigit() or not 1 <= int(value) <= 100:
+            if not (value.isascii() and value.isdigit()) or len(value) > 3 or \
+                    not 1 <= int(value) <= 100:
                 raise BadRequest(f"quality={value[:20]!r}: expected 1 to 100")
             quality = int(value)
         elif name not in ("annotation", "charset", "iccprofile"):
