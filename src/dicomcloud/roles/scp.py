@@ -338,8 +338,8 @@ class ReusePortServer(DimseServer):
 
 
 def tls_context(settings: ScpSettings) -> ssl.SSLContext | None:
-    """The DICOM TLS server context (PS3.15 B.1 and the BCP 195 profile of B.9: TLS 1.2 or
-    newer), None without a certificate."""
+    """The DICOM TLS server context (PS3.15 Annex B: the BCP 195 based secure transport
+    profiles require TLS 1.2 or newer), None without a certificate."""
     if not settings.tls_certfile:
         return None
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
