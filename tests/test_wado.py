@@ -166,6 +166,17 @@ def _relabel(sample: SampleFile, directory: Path, study: str | None = None,
                                series_uid=ds.SeriesInstanceUID, sop_uid=ds.SOPInstanceUID)
 
 
+def _sample(ds: Dataset, path: Path) -> SampleFile:
+    """The ``SampleFile`` of a data set this module wrote to ``path``."""
+    return SampleFile(
+        path=path, sop_class=str(ds.SOPClassUID), sop_uid=str(ds.SOPInstanceUID),
+        study_uid=str(ds.StudyInstanceUID), series_uid=str(ds.SeriesInstanceUID),
+        transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
+        frames=int(ds.get("NumberOfFrames") or 1), rows=ds.get("Rows"),
+        columns=ds.get("Columns"), bits_allocated=ds.get("BitsAllocated"),
+        photometric=ds.get("PhotometricInterpretation"))
+
+
 def _wait_indexed(archive: Archive, items: list[SampleFile]) -> None:
     wait_until(lambda: all(len(rows) == 1 for rows in
                            find_instances(archive, [i.sop_uid for i in items]).values()),
@@ -811,12 +822,7 @@ def test_frames_of_one_bit_pixel_data_are_each_packed_from_bit_zero(
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         path = tmp_path / f"{index}.dcm"
         ds.save_as(path, enforce_file_format=True)
-        samples.append(SampleFile(
-            path=path, sop_class=str(ds.SOPClassUID), sop_uid=ds.SOPInstanceUID,
-            study_uid=ds.StudyInstanceUID, series_uid=ds.SeriesInstanceUID,
-            transfer_syntax=str(ds.file_meta.TransferSyntaxUID),
-            frames=int(ds.NumberOfFrames), rows=ds.Rows, columns=ds.Columns,
-            bits_allocated=1, photometric=str(ds.PhotometricInterpretation)))
+        samples.append(_sample(ds, path))
     assert [s.Status for s in c_store(archive, [f.path for f in samples])] == [0, 0, 0]
     _wait_indexed(archive, samples)
     originals = [pydicom.dcmread(f.path) for f in samples]
@@ -843,10 +849,7 @@ def test_frames_of_a_file_replaced_before_re_indexing_come_from_the_new_file(
     ds = make_ct(size=32)
     path = write_part10(ds, tmp_path / "first.dcm")
     assert [s.Status for s in c_store(archive, [path])] == [0]
-    f = SampleFile(path=path, sop_class=str(ds.SOPClassUID), sop_uid=str(ds.SOPInstanceUID),
-                   study_uid=str(ds.StudyInstanceUID), series_uid=str(ds.SeriesInstanceUID),
-                   transfer_syntax=str(ds.file_meta.TransferSyntaxUID), frames=1,
-                   rows=32, columns=32, bits_allocated=16, photometric="MONOCHROME2")
+    f = _sample(ds, path)
     _wait_indexed(archive, [f])
     assert _frame_offsets(archive, [f.sop_uid])[f.sop_uid][0] is not None
     ds.PatientName = "A^Much^Longer^Name^Than^Before"
@@ -979,11 +982,7 @@ def test_bulk_data_after_the_pixel_data_resolves(archive: Archive, tmp_path: Pat
     ds.DigitalSignaturesSequence = [signature]
     path = write_part10(ds, tmp_path / "signed.dcm")
     assert [s.Status for s in c_store(archive, [path])] == [0]
-    f = SampleFile(path=path, sop_class=str(ds.SOPClassUID), sop_uid=str(ds.SOPInstanceUID),
-                   study_uid=str(ds.StudyInstanceUID), series_uid=str(ds.SeriesInstanceUID),
-                   transfer_syntax=str(ds.file_meta.TransferSyntaxUID), frames=1,
-                   rows=ds.Rows, columns=ds.Columns, bits_allocated=16,
-                   photometric="MONOCHROME2")
+    f = _sample(ds, path)
     _wait_indexed(archive, [f])
     response = _get(_url(archive, f) + "/metadata", DICOM_JSON)
     assert response.status_code == 200

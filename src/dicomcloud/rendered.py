@@ -25,7 +25,7 @@ from pydicom.multival import MultiValue
 
 from dicomcloud.errors import BadRequest, NotAcceptable, NotFound
 from dicomcloud.header import read_header
-from dicomcloud.wado import MediaRange, _matches
+from dicomcloud.wado import MediaRange, _matches, check_frames
 
 MEDIA_TYPES = ("image/jpeg", "image/png")
 THUMBNAIL_SIZE = 128
@@ -134,8 +134,7 @@ def _native_grey(data: bytes, frame: int) -> tuple[Dataset, np.ndarray] | None:
             or (signed and stored != bits) or "ModalityLUTSequence" in header
             or data[at:at + 4] != b"\xe0\x7f\x10\x00"):
         return None
-    if not 1 <= frame <= frames:
-        raise NotFound(f"frame {frame} does not exist: the instance has {frames}")
+    check_frames([frame], frames)
     start = at + (8 if syntax == "1.2.840.10008.1.2" else 12)
     size = rows * columns * bits // 8
     offset = start + (frame - 1) * size
@@ -159,8 +158,7 @@ def _decoded(data: bytes, frame: int, params: RenderParams) -> Image.Image:
     if "Rows" not in header:
         raise NotFound("the instance has no image to render")
     frames = int(header.get("NumberOfFrames") or 1)
-    if not 1 <= frame <= frames:
-        raise NotFound(f"frame {frame} does not exist: the instance has {frames}")
+    check_frames([frame], frames)
     try:
         pixels = pixel_array(io.BytesIO(data), index=frame - 1)
     except Exception as exc:

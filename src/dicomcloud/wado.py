@@ -366,12 +366,17 @@ def fragments(fh: IO[bytes], layout: PixelLayout) -> tuple[list[int], list[tuple
         position += 8 + length
 
 
+def check_frames(numbers: list[int], frames: int) -> None:
+    """404 for a frame number beyond the instance's ``frames`` (PS3.18 10.4.1.1.3)."""
+    for n in numbers:
+        if not 1 <= n <= frames:
+            raise NotFound(f"frame {n} does not exist: the instance has {frames}")
+
+
 def frame_ranges(fh: IO[bytes], layout: PixelLayout, numbers: list[int]) -> list[
         list[tuple[int, int]]]:
     """For each 1-based frame number, the (offset, length) pieces that make it up."""
-    for n in numbers:
-        if not 1 <= n <= layout.frames:
-            raise NotFound(f"frame {n} does not exist: the instance has {layout.frames}")
+    check_frames(numbers, layout.frames)
     if not layout.encapsulated:
         if layout.frame_size is None:
             raise NotAcceptable("frames of bit-packed pixel data cannot be cut by offset; "
@@ -400,10 +405,9 @@ def bit_frames(fh: IO[bytes], layout: PixelLayout, numbers: list[int]) -> list[b
     bits = layout.frame_bits
     if not bits:
         raise NotAcceptable("the frame layout of this pixel data is unknown")
+    check_frames(numbers, layout.frames)
     out = []
     for n in numbers:
-        if not 1 <= n <= layout.frames:
-            raise NotFound(f"frame {n} does not exist: the instance has {layout.frames}")
         start = (n - 1) * bits
         shift = start % 8
         fh.seek(layout.value_start + start // 8)

@@ -373,10 +373,7 @@ class DicomWeb:
         the file is not the one indexed (re-sent and not yet re-indexed): same size and
         a Pixel Data element header right before the offset, or the header is read."""
         mode, syntax = _frame_mode(ranges, row.transfer_syntax_uid)
-        for n in numbers:
-            if not 1 <= n <= row.number_of_frames:
-                raise NotFound(f"frame {n} does not exist: the instance has "
-                               f"{row.number_of_frames}")
+        wado.check_frames(numbers, row.number_of_frames)
         label = row.transfer_syntax_uid if mode == "stored" else syntax
         content_type = f"application/octet-stream; transfer-syntax={label}"
         assert row.pixel_offset is not None and row.frame_size is not None
@@ -416,10 +413,7 @@ class DicomWeb:
                     content_type = f"application/octet-stream; transfer-syntax={label}"
                 return syntax, [(content_type, wado.read_pieces(fh, frame))
                                 for frame in pieces]
-            for n in numbers:
-                if not 1 <= n <= layout.frames:
-                    raise NotFound(f"frame {n} does not exist: the instance has "
-                                   f"{layout.frames}")
+            wado.check_frames(numbers, layout.frames)
             fh.seek(0)
             data = fh.read()
             bits = int(ds.get("BitsAllocated") or 8)
