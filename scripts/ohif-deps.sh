@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fetches what the OHIF viewer test needs into .cache/ohif (idempotent, a few seconds when
 # present): the prebuilt OHIF viewer (npm @ohif/app, its dist/ only, without its build
-# dependencies) and playwright-core, which drives the Debian chromium.
+# dependencies) and playwright-core, which drives the Debian chromium; then the OpenID
+# provider the auth tests run (tests/oidc).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OHIF_VERSION=3.13.2
@@ -22,4 +23,9 @@ if [ ! -f "$CACHE/node_modules/playwright-core/package.json" ] || \
    ! grep -q "\"version\": \"$PLAYWRIGHT_VERSION\"" "$CACHE/node_modules/playwright-core/package.json"; then
   echo "installing playwright-core $PLAYWRIGHT_VERSION" >&2
   (cd "$CACHE" && npm install --silent --no-save --prefix . "playwright-core@$PLAYWRIGHT_VERSION" >/dev/null)
+fi
+# The OpenID provider of tests/test_auth.py (npm oidc-provider, from its lock file).
+if [ ! -f tests/oidc/node_modules/oidc-provider/package.json ]; then
+  echo "installing the test OpenID provider (npm oidc-provider)" >&2
+  (cd tests/oidc && npm ci --silent >/dev/null)
 fi

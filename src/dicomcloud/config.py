@@ -13,6 +13,7 @@ This is the only module that touches dynaconf or the environment. Sources, later
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import socket
 from collections.abc import Mapping
@@ -47,6 +48,13 @@ class ScpSettings:
     allowed_calling_aets: tuple[str, ...] = ()
     #: Called AE title -> tenant. The archive's own AE title maps to ``default_tenant``.
     ae_tenants: Mapping[str, str] = field(default_factory=dict)
+    #: Tenant -> peers allowed to associate with it: ``AE``, ``AE@address`` or
+    #: ``*@address``, an address being an IP or a network (``10.1.2.0/24``). A tenant not
+    #: listed accepts any peer (that ``allowed_calling_aets`` admits).
+    allowed_peers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    #: Reject (A-ASSOCIATE-RJ, called AE title not recognized) a called AE title that is
+    #: neither ``ae_title`` nor in ``ae_tenants``, instead of serving it as default_tenant.
+    reject_unknown_called_ae: bool = False
     #: C-MOVE destinations: AE title -> ``host:port`` (PS3.4 C.4.2: the SCP must know them).
     move_destinations: Mapping[str, str] = field(default_factory=dict)
     #: Most C-FIND matches returned to one query (the rest is dropped, with a warning log).
@@ -113,6 +121,44 @@ class WorkerSettings:
     batch_size: int = 50
     #: Messages kept in the embedded queue for topics nobody consumes (analytics), in days.
     queue_retention_days: float = 7.0
+    #: Load access events from log_queue into the index's access_log table: "auto" (when
+    #: the queue is the embedded one, i.e. no Doris), "on" or "off".
+    access_log_table: str = "auto"
+    #: Days access_log rows are kept.
+    access_log_days: float = 90.0
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """OAuth 2.0 bearer tokens for DICOMweb (``dicomcloud.auth``)."""
+
+    #: Off: DICOMweb is open to whoever reaches the port (the embedded quickstart).
+    enabled: bool = False
+    #: The OpenID provider's issuer URL; keys are found by OIDC discovery under it.
+    issuer: str = ""
+    #: Accepted ``aud`` values; a token must name at least one.
+    audience: tuple[str, ...] = ()
+    #: JWS algorithms accepted (asymmetric only: never none, never HS*).
+    algorithms: tuple[str, ...] = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512",
+                                   "ES256", "ES384", "ES512")
+    #: Clock skew allowed for exp / nbf / iat, in seconds.
+    leeway_seconds: float = 30.0
+    #: Claim holding the scopes (space-separated string or list), e.g. ``scp`` or ``roles``.
+    scope_claim: str = "scope"
+    read_scopes: tuple[str, ...] = ("dicom.read",)
+    write_scopes: tuple[str, ...] = ("dicom.write",)
+    admin_scopes: tuple[str, ...] = ("dicom.admin",)
+    #: Claim listing the tenants a token may address (``*``: all); empty: not checked.
+    tenant_claim: str = "tenant"
+    #: Seconds the issuer's key set is cached (in process and in the shared cache).
+    jwks_cache_seconds: float = 3600.0
+    #: A token with an unknown key id fetches the key set again at most this often.
+    jwks_refresh_seconds: float = 30.0
+    #: PEM file of CAs for the issuer's HTTPS certificate (a hospital CA); empty: system CAs.
+    ca_certs: str = ""
+    http_timeout: float = 10.0
+    #: ``realm`` of WWW-Authenticate challenges.
+    realm: str = "dicomcloud"
 
 
 @dataclass(frozen=True)
@@ -134,6 +180,7 @@ class Settings:
     web: WebSettings = field(default_factory=WebSettings)
     consumer: ConsumerSettings = field(default_factory=ConsumerSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
 
     @property
     def resolved_index_url(self) -> str:
@@ -156,10 +203,39 @@ class Settings:
         return self.storage_url or f"file://{self.data_dir.resolve() / 'storage'}"
 
     @property
+    def access_log_table(self) -> bool:
+        """Whether the worker keeps the index's access_log table (``worker.access_log_table``;
+        "auto": with the embedded queue, where no Doris loads log_queue)."""
+        mode = self.worker.access_log_table
+        return mode == "on" or (mode == "auto" and self.resolved_queue_url.startswith("local:"))
+
+    @property
     def tenants(self) -> frozenset[str]:
         """The tenants this archive serves: the default one and every one an AE title of
         ``scp.ae_tenants`` maps to."""
         return frozenset({self.default_tenant, *self.scp.ae_tenants.values()})
+
+    def admit(self, calling_ae: str, called_ae: str,
+              address: str) -> tuple[str, tuple[int, int, int] | None]:
+        """The tenant an association request addresses, and the A-ASSOCIATE-RJ (result,
+        source, reason) to refuse it with (PS3.8 9.3.4), None when it is admitted.
+
+        Refused: a calling AE title outside ``allowed_calling_aets`` or outside the
+        tenant's ``allowed_peers`` (reason 3), an unknown called AE title when
+        ``reject_unknown_called_ae`` (reason 7)."""
+        tenant = self.tenant_for_called_ae(called_ae)
+        if tenant is None:
+            if self.scp.reject_unknown_called_ae:
+                return self.default_tenant, (1, 1, 7)
+            tenant = self.default_tenant
+        calling = calling_ae.strip()
+        allowed = self.scp.allowed_calling_aets
+        if allowed and calling not in (a.strip() for a in allowed):
+            return tenant, (1, 1, 3)
+        peers = self.scp.allowed_peers.get(tenant)
+        if peers is not None and not any(_peer_matches(p, calling, address) for p in peers):
+            return tenant, (1, 1, 3)
+        return tenant, None
 
     def tenant_for_called_ae(self, called_ae: str) -> str | None:
         """Tenant served under a called AE title, None when the title is unknown.
@@ -173,6 +249,20 @@ class Settings:
         if title == self.scp.ae_title.strip().upper():
             return self.default_tenant
         return None
+
+
+def _peer_matches(entry: str, calling_ae: str, address: str) -> bool:
+    """``AE``, ``AE@address`` or ``*@address`` (address: an IP or a network) against a peer."""
+    title, _, network = entry.partition("@")
+    if title.strip() not in ("*", calling_ae):
+        return False
+    if not network:
+        return True
+    try:
+        return ipaddress.ip_address(address.split("%")[0]) in ipaddress.ip_network(
+            network.strip(), strict=False)
+    except ValueError:
+        return False
 
 
 def validate_tenant(tenant: str) -> str:
@@ -234,6 +324,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "web": WebSettings,
     "consumer": ConsumerSettings,
     "worker": WorkerSettings,
+    "auth": AuthSettings,
 }
 
 
@@ -280,6 +371,10 @@ def _coerce(name: str, annotation: Any, value: Any) -> Any:
             return int(value)
         if kind == "float":
             return float(value)
+        if kind.startswith("Mapping[str, tuple"):  # tenant -> list of strings
+            return {str(k): tuple(str(v) for v in ([items] if isinstance(items, str)
+                                                   else items))
+                    for k, items in dict(value).items()}
         if kind.startswith("Mapping"):
             upper = name.endswith(("ae_tenants", "move_destinations"))  # AE titles
             return {str(k).upper() if upper else str(k): str(v)
@@ -297,8 +392,26 @@ def _check(settings: Settings) -> None:
             f"choose from {','.join(ROLES)}"
         )
     validate_tenant(settings.default_tenant)
+    if "web" in settings.roles:
+        from dicomcloud.auth import check_settings
+
+        check_settings(settings.auth)
     for tenant in settings.scp.ae_tenants.values():
         validate_tenant(tenant)
+    for tenant, peers in settings.scp.allowed_peers.items():
+        if tenant not in settings.tenants:
+            raise ConfigError(f"scp.allowed_peers.{tenant}: no such tenant (tenants come from "
+                              "default_tenant and scp.ae_tenants)")
+        for peer in peers:
+            title, at, network = peer.partition("@")
+            if not 0 < len(title.strip()) <= 16 or (at and not network):
+                raise ConfigError(f"scp.allowed_peers.{tenant}: {peer!r} is not AE, "
+                                  "AE@address or *@address")
+            if network:
+                try:
+                    ipaddress.ip_network(network.strip(), strict=False)
+                except ValueError as exc:
+                    raise ConfigError(f"scp.allowed_peers.{tenant}: {peer!r}: {exc}") from None
     for title, address in settings.scp.move_destinations.items():
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -306,6 +419,8 @@ def _check(settings: Settings) -> None:
                               "host:port, e.g. 192.168.1.20:104")
     if not 0 < len(settings.scp.ae_title.strip()) <= 16:
         raise ConfigError("scp.ae_title must be 1-16 characters (PS3.5 AE value representation)")
+    if settings.worker.access_log_table not in ("auto", "on", "off"):
+        raise ConfigError("worker.access_log_table must be auto, on or off")
     if not settings.web.root.startswith("/") or settings.web.root.endswith("/"):
         raise ConfigError("web.root must start with '/' and not end with one, e.g. /dicomweb")
     for role, section in (("scp", settings.scp), ("web", settings.web)):

@@ -7,6 +7,8 @@ Annex C) it maps to, so the web and scp roles translate errors in one place each
     ├── ConfigError                      500  0xC000   bad settings; fix the config file
     ├── BackendError                     503  0xA700   index/queue/cache/storage unavailable
     ├── NotFound                         404  0xC000   no such study/series/instance
+    ├── Unauthorized                     401  0xC000   no valid bearer token (RFC 6750 3)
+    ├── Forbidden                        403  0xC000   valid token without the right/tenant
     ├── BadRequest                       400  0xC000   malformed query parameter or body
     │   ├── PayloadTooLarge              413  0xA700   request body over web.max_upload_bytes
     │   ├── NotAcceptable                406  0xC000   no acceptable media type (WADO Accept)
@@ -50,6 +52,30 @@ class NotFound(DicomCloudError):
     """The addressed resource does not exist (PS3.18 8.3.4: 404)."""
 
     http_status = 404
+
+
+class Unauthorized(DicomCloudError):
+    """No bearer token, or one that fails validation (RFC 6750 3.1 ``invalid_token``).
+
+    ``error`` is the RFC 6750 error code for ``WWW-Authenticate``: empty when no token was
+    sent at all (3.1: the response then carries no error code)."""
+
+    http_status = 401
+
+    def __init__(self, message: str, error: str = "invalid_token") -> None:
+        super().__init__(message)
+        self.error = error
+
+
+class Forbidden(DicomCloudError):
+    """A valid token that lacks the scope or the tenant the request needs (RFC 6750 3.1
+    ``insufficient_scope``)."""
+
+    http_status = 403
+
+    def __init__(self, message: str, scope: str = "") -> None:
+        super().__init__(message)
+        self.scope = scope
 
 
 class BadRequest(DicomCloudError):

@@ -426,5 +426,6 @@ def _messages(events: list[StoredObject]) -> list[Outgoing]:
     for event in events:
         payload = body(event)
         messages.append(("storage_queue", event.study_uid, payload))
-        messages.append(("log_queue", event.study_uid, payload))
+        # log_queue also carries access events (dicomcloud.accesslog): log_type tells them apart
+        messages.append(("log_queue", event.study_uid, {**payload, "log_type": "object"}))
     return messages

@@ -177,5 +177,15 @@ class Index(AbstractAsyncContextManager["Index"], Protocol):
         """Mark metadata of ``task`` done or failed; False if it was flagged again since.
         A failed series is due again ``retry_in`` seconds (plus the quiet period) later."""
 
+    async def record_access(self, rows: Sequence[dict[str, Any]]) -> int:
+        """Insert access-log rows; a ``trace_id`` already present is skipped."""
+
+    async def recent_access(self, tenant_id: str | None = None,
+                            limit: int = 100) -> list[dict[str, Any]]:
+        """The newest access-log rows, newest first."""
+
+    async def prune_access(self, before: dt.datetime) -> int:
+        """Delete access-log rows older than ``before``."""
+
     async def count_instances(self, tenant_id: str | None = None) -> int:
         """Number of indexed instances."""

@@ -18,7 +18,7 @@ from sqlalchemy import event
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from dicomcloud.backends.sqlschema import instance, json_meta, migrate, state
+from dicomcloud.backends.sqlschema import access_log, instance, json_meta, migrate, state
 from dicomcloud.errors import BackendError
 from dicomcloud.model import IndexedInstance, InstanceRow, JsonTask, SeriesRef, utcnow
 from dicomcloud.query import Match, Query, like_pattern
@@ -203,6 +203,33 @@ class SqlIndex:
         if tenant_id is not None:
             stmt = stmt.where(instance.c.tenant_id == tenant_id)
         return await self._run(lambda conn: int(conn.execute(stmt).scalar_one()))
+
+    async def record_access(self, rows: Sequence[dict[str, Any]]) -> int:
+        """Insert access-log rows (``dicomcloud.accesslog``); a ``trace_id`` already there
+        (a redelivered event) is skipped. Returns the rows inserted."""
+        if not rows:
+            return 0
+
+        def write(conn: sa.Connection) -> int:
+            stmt = _insert_for(conn)(access_log).on_conflict_do_nothing(
+                index_elements=["trace_id"])
+            return int(conn.execute(stmt, list(rows)).rowcount or 0)
+
+        return await self._run(write, write=True, what="access log write")
+
+    async def recent_access(self, tenant_id: str | None = None,
+                            limit: int = 100) -> list[dict[str, Any]]:
+        """The newest access-log rows, newest first."""
+        stmt = sa.select(access_log).order_by(access_log.c.event_time.desc()).limit(limit)
+        if tenant_id is not None:
+            stmt = stmt.where(access_log.c.tenant_id == tenant_id)
+        return await self._run(lambda conn: [dict(r) for r in conn.execute(stmt).mappings()])
+
+    async def prune_access(self, before: dt.datetime) -> int:
+        """Delete access-log rows older than ``before``; returns how many."""
+        stmt = access_log.delete().where(access_log.c.event_time < before)
+        return await self._run(lambda conn: int(conn.execute(stmt).rowcount or 0), write=True,
+                               what="access log pruning")
 
 
 _T = TypeVar("_T")

@@ -92,6 +92,32 @@ json_meta = sa.Table(
     sa.Column("retry_times", sa.Integer, nullable=False),
 )
 
+access_log = sa.Table(
+    "access_log", metadata,
+    sa.Column("trace_id", sa.String(64), primary_key=True),
+    sa.Column("event_time", sa.DateTime, nullable=False),
+    sa.Column("worker_node_id", sa.String(128)),
+    sa.Column("tenant_id", _ID, nullable=False),
+    sa.Column("protocol", sa.String(16), nullable=False),
+    sa.Column("service", sa.String(128), nullable=False),
+    sa.Column("route", sa.String(256), nullable=False),
+    sa.Column("method", sa.String(16)),
+    sa.Column("study_uid", _ID),
+    sa.Column("series_uid", _ID),
+    sa.Column("sop_uid", _ID),
+    sa.Column("status", sa.Integer, nullable=False),
+    sa.Column("bytes_in", sa.BigInteger, nullable=False),
+    sa.Column("bytes_out", sa.BigInteger, nullable=False),
+    sa.Column("duration_ms", sa.Float, nullable=False),
+    sa.Column("client_ip", _ID),
+    sa.Column("principal", sa.String(256)),
+    sa.Column("client_id", sa.String(256)),
+    sa.Column("calling_ae", sa.String(16)),
+    sa.Column("called_ae", sa.String(16)),
+    sa.Column("user_agent", sa.String(256)),
+    sa.Column("operations", sa.Integer, nullable=False),
+)
+
 _VERSIONS = sa.Table(
     "schema_migrations", sa.MetaData(),
     sa.Column("version", sa.Integer, primary_key=True),

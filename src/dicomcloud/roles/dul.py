@@ -331,7 +331,10 @@ class Acceptance:
 class AssociationStats:
     stored: int = 0
     refused: int = 0
-    bytes: int = 0
+    echoed: int = 0
+    bytes: int = 0  # data sets stored
+    received: int = 0  # bytes on the wire, each way
+    sent: int = 0
     started: float = field(default_factory=time.monotonic)
 
 
@@ -371,6 +374,7 @@ class StorageAssociation:
 
     def _read_pdu(self) -> tuple[int, bytearray]:
         kind, length = _HEAD.unpack(self._read_exact(6))
+        self.stats.received += 6 + length
         if kind == P_DATA_TF and length > self.accept.max_pdu_size + 6 + 64:
             raise ProtocolError(f"P-DATA-TF of {length} bytes exceeds the negotiated maximum")
         if kind != P_DATA_TF and length > _MAX_RQ_LENGTH:
@@ -379,6 +383,7 @@ class StorageAssociation:
 
     def _send(self, data: bytes) -> None:
         self.sock.sendall(data)
+        self.stats.sent += len(data)
 
     def _send_command(self, context_id: int, command: bytes) -> None:
         limit = self.peer_max - 6 if self.peer_max else len(command)
@@ -528,6 +533,7 @@ class StorageAssociation:
         if kind == C_CANCEL_RQ:
             return  # nothing to cancel: each C-STORE is answered as soon as it is stored
         if kind == C_ECHO_RQ:
+            self.stats.echoed += 1
             self._send_command(context_id, response(command, 0x0000))
             return
         if kind != C_STORE_RQ:

@@ -25,17 +25,19 @@ import struct
 import threading
 import time
 from io import BytesIO
-from typing import cast
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, AllTransferSyntaxes
 from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.service_class import StorageServiceClass, VerificationServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
-from dicomcloud.config import ScpSettings
+from dicomcloud.accesslog import AccessEvent, AccessLog
+from dicomcloud.config import ScpSettings, Settings
 from dicomcloud.errors import DicomCloudError, InvalidInstance
 from dicomcloud.ingest import (
     IMPLEMENTATION_CLASS_UID,
@@ -89,17 +91,128 @@ def _status(code: int, comment: str) -> Dataset:
     return status
 
 
+_NOBODY = "\x00"  # a calling AE title no peer can have (see TenantAE)
+
+
+class AssociationReport:
+    """What one association did, for its access event (``dicomcloud.accesslog``)."""
+
+    def __init__(self, client_ip: str | None) -> None:
+        self.started = time.time()
+        self.clock = time.perf_counter()
+        self.client_ip = client_ip
+        self.tenant_id = ""
+        self.calling_ae: str | None = None
+        self.called_ae: str | None = None
+        self.services: dict[str, None] = {}  # in order of first use
+        self.operations = 0
+        self.status = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.studies: set[str] = set()
+        self.done = False
+
+    def note(self, service: str, status: int = 0, study_uid: str | None = None) -> None:
+        """One DIMSE operation; a failure or warning status is kept (the last one wins)."""
+        self.services[service] = None
+        self.operations += 1
+        if status not in (0x0000, 0xFF00, 0xFF01):
+            self.status = status
+        if study_uid:
+            self.studies.add(study_uid[:64])
+
+    def event(self, status: int | None = None) -> AccessEvent:
+        return AccessEvent(
+            tenant_id=self.tenant_id, protocol="DIMSE",
+            service=",".join(self.services) or "association", route="association",
+            status=self.status if status is None else status, client_ip=self.client_ip,
+            study_uid=next(iter(self.studies)) if len(self.studies) == 1 else None,
+            bytes_in=self.bytes_in, bytes_out=self.bytes_out,
+            duration_ms=round((time.perf_counter() - self.clock) * 1000, 3),
+            calling_ae=self.calling_ae, called_ae=self.called_ae, principal=self.calling_ae,
+            operations=self.operations)
+
+
 class StoreService:
     """C-STORE and connection handlers bound to one runtime."""
 
-    def __init__(self, runtime: Runtime, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, runtime: Runtime, loop: asyncio.AbstractEventLoop,
+                 access_log: AccessLog | None = None) -> None:
         self.runtime = runtime
         self.loop = loop
+        self.access_log = access_log
 
     def handlers(self) -> list[evt.EventHandlerType]:
         retrieve = qr.QueryRetrieve(self.runtime, self.loop, lambda e: self.origin(e).tenant_id)
+        wrapped: list[evt.EventHandlerType] = [
+            (item[0], self._reporting(name, item[1])) for item, name in
+            zip(retrieve.handlers(), ("C-FIND", "C-MOVE", "C-GET"), strict=True)]
         return [(evt.EVT_C_STORE, self.on_store), (evt.EVT_CONN_OPEN, self.on_open),
-                (evt.EVT_C_ECHO, self.on_echo), *retrieve.handlers()]
+                (evt.EVT_C_ECHO, self.on_echo), *wrapped,
+                (evt.EVT_DATA_RECV, self._received), (evt.EVT_DATA_SENT, self._sent),
+                (evt.EVT_REJECTED, self._rejected), (evt.EVT_CONN_CLOSE, self._closed)]
+
+    # -- access events of the associations pynetdicom serves ----------------------------
+    @staticmethod
+    def report_of(assoc: Association) -> AssociationReport:
+        report: AssociationReport | None = getattr(assoc, "dicomcloud_report", None)
+        if report is None:
+            report = AssociationReport(assoc.requestor.address or None)
+            assoc.dicomcloud_report = report  # type: ignore[attr-defined]
+        return report
+
+    def _received(self, event: evt.Event) -> None:
+        self.report_of(event.assoc).bytes_in += len(event.data)
+
+    def _sent(self, event: evt.Event) -> None:
+        self.report_of(event.assoc).bytes_out += len(event.data)
+
+    def _rejected(self, event: evt.Event) -> None:
+        report = self.report_of(event.assoc)
+        report.services["A-ASSOCIATE-RJ"] = None
+
+    def _closed(self, event: evt.Event) -> None:
+        report = self.report_of(event.assoc)
+        primitive = event.assoc.requestor.primitive
+        if primitive is not None:
+            calling = str(primitive.calling_ae_title).strip()
+            called = str(primitive.called_ae_title).strip()
+            report.calling_ae, report.called_ae = calling[:16] or None, called[:16] or None
+            report.tenant_id = self.runtime.settings.admit(calling, called,
+                                                           report.client_ip or "")[0]
+        else:
+            report.tenant_id = self.runtime.settings.default_tenant
+        self.record(report)
+
+    def record(self, report: AssociationReport, status: int | None = None) -> None:
+        """Hand an association's access event to the loop's access log (thread-safe)."""
+        if self.access_log is None or report.done:
+            return
+        report.done = True
+        with contextlib.suppress(RuntimeError):  # the loop is closing
+            self.loop.call_soon_threadsafe(self.access_log.record, report.event(status),
+                                           report.started)
+
+    def _reporting(self, service: str, handler: Any) -> Any:
+        """A Query/Retrieve handler that also notes its operation in the report."""
+        def wrapper(event: evt.Event) -> Any:
+            identifier = event.identifier
+            study = identifier.get("StudyInstanceUID") if identifier is not None else None
+            study_uid = study if isinstance(study, str) and "\\" not in study else None
+            report = self.report_of(event.assoc)
+            status = 0
+            try:
+                for item in handler(event):
+                    if service == "C-FIND" and isinstance(item, tuple) and \
+                            isinstance(item[0], int):
+                        status = item[0]
+                    yield item
+            except Exception:
+                status = 0xC000
+                raise
+            finally:
+                report.note(service, status, study_uid)
+        return wrapper
 
     @staticmethod
     def on_open(event: evt.Event) -> None:
@@ -109,8 +222,8 @@ class StoreService:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    @staticmethod
-    def on_echo(event: evt.Event) -> int:
+    def on_echo(self, event: evt.Event) -> int:
+        self.report_of(event.assoc).note("C-ECHO")
         return 0x0000
 
     def origin(self, event: evt.Event) -> Origin:
@@ -126,26 +239,35 @@ class StoreService:
         data = memoryview(cast(BytesIO, request.DataSet).getbuffer())
         status, comment = self.store(
             event.context.transfer_syntax, str(request.AffectedSOPClassUID),
-            str(request.AffectedSOPInstanceUID), [data], self.origin(event))
+            str(request.AffectedSOPInstanceUID), [data], self.origin(event),
+            self.report_of(event.assoc))
         return status if comment is None else _status(status, comment)
 
     def on_native_store(self, transfer_syntax: str, sop_class: str, sop_uid: str,
                         data: list[memoryview], request: dul.AssociateRequest,
-                        address: str) -> tuple[int, str | None]:
+                        address: str, report: AssociationReport) -> tuple[int, str | None]:
         """C-STORE handler of the lean acceptor (``dul.StorageAssociation``)."""
-        settings = self.runtime.settings
-        tenant = settings.tenant_for_called_ae(request.called_title) or settings.default_tenant
-        origin = Origin(tenant, request.calling_title or None, address)
+        origin = Origin(report.tenant_id, request.calling_title or None, address)
         for label, uid in (("Affected SOP Class", sop_class), ("Affected SOP Instance", sop_uid)):
             if not is_valid_uid(uid):
                 log.warning("C-STORE from %s refused (0xA900): invalid %s UID %r",
                             origin.source_ae, label, uid[:64])
+                report.note("C-STORE", 0xA900)
                 return 0xA900, f"invalid {label} UID in the request"
-        return self.store(transfer_syntax, sop_class, sop_uid, data, origin)
+        return self.store(transfer_syntax, sop_class, sop_uid, data, origin, report)
 
     def store(self, transfer_syntax: str, sop_class: str, sop_uid: str,
-              data: list[memoryview], origin: Origin) -> tuple[int, str | None]:
+              data: list[memoryview], origin: Origin,
+              report: AssociationReport | None = None) -> tuple[int, str | None]:
         """Store one received data set; the DIMSE status and Error Comment to answer."""
+        status, comment, study_uid = self._store(transfer_syntax, sop_class, sop_uid, data,
+                                                 origin)
+        if report is not None:
+            report.note("C-STORE", status, study_uid)
+        return status, comment
+
+    def _store(self, transfer_syntax: str, sop_class: str, sop_uid: str,
+               data: list[memoryview], origin: Origin) -> tuple[int, str | None, str | None]:
         started = time.perf_counter()
         try:
             part10 = dimse_file_bytes(data, transfer_syntax, sop_class, sop_uid, origin.source_ae)
@@ -154,16 +276,16 @@ class StoreService:
         except InvalidInstance as exc:
             log.warning("C-STORE from %s refused (0x%04X) %s: %s", origin.source_ae,
                         exc.dimse_status, sop_uid[:64], exc.message)
-            return exc.dimse_status, exc.message
+            return exc.dimse_status, exc.message, None
         except DicomCloudError as exc:
             log.error("C-STORE from %s failed: %s", origin.source_ae, exc.message)
-            return 0xA700, "archive unavailable, retry later"
+            return 0xA700, "archive unavailable, retry later", None
         except Exception:
             log.exception("C-STORE from %s: unexpected error", origin.source_ae)
-            return 0xA700, "internal error, retry later"
+            return 0xA700, "internal error, retry later", None
         log.debug("stored %s (%d bytes) in %.1f ms", stored.file_path, stored.file_size,
                   (time.perf_counter() - started) * 1000)
-        return 0x0000, None
+        return 0x0000, None, stored.study_uid
 
 
 def make_ae(runtime: Runtime) -> AE:
@@ -171,14 +293,12 @@ def make_ae(runtime: Runtime) -> AE:
     so that a C-GET requestor may take the SCP role, PS3.4 C.4.3.1), Verification, and
     Query/Retrieve FIND, MOVE and GET of the Patient Root and Study Root models."""
     s = runtime.settings.scp
-    ae = AE(ae_title=s.ae_title)
+    ae = TenantAE(runtime.settings)
     ae.maximum_associations = s.max_associations
     ae.maximum_pdu_size = s.max_pdu_size
     ae.acse_timeout = s.acse_timeout
     ae.dimse_timeout = s.dimse_timeout
     ae.network_timeout = s.network_timeout
-    if s.allowed_calling_aets:
-        ae.require_calling_aet = list(s.allowed_calling_aets)
     from pynetdicom import AllStoragePresentationContexts
 
     syntaxes = list(AllTransferSyntaxes)
@@ -192,17 +312,60 @@ def make_ae(runtime: Runtime) -> AE:
     return ae
 
 
+class TenantAE(AE):
+    """pynetdicom's application entity, admitting each association by
+    ``Settings.admit``: the calling AE title and address the called AE title's tenant
+    allows (PS3.8 9.3.4: refused with A-ASSOCIATE-RJ, reason 3 or 7).
+
+    pynetdicom asks ``require_calling_aet`` / ``require_called_aet`` while it negotiates,
+    in the association's own thread; answering from that association's request keeps the
+    refusal inside pynetdicom's negotiation. (Associations that are not TLS were already
+    checked on their peeked request, ``DimseServer._route``.)"""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(ae_title=settings.scp.ae_title)
+        self.settings = settings
+
+    def _verdict(self) -> tuple[int, int, int] | None:
+        assoc = threading.current_thread()
+        if not isinstance(assoc, Association) or not assoc.is_acceptor:
+            return None
+        primitive = assoc.requestor.primitive
+        if primitive is None:
+            return None
+        return self.settings.admit(str(primitive.calling_ae_title),
+                                   str(primitive.called_ae_title),
+                                   assoc.requestor.address or "")[1]
+
+    @property  # type: ignore[misc]
+    def require_calling_aet(self) -> list[str]:
+        verdict = self._verdict()
+        return [_NOBODY] if verdict is not None and verdict[2] == 3 else []
+
+    @property  # type: ignore[misc]
+    def require_called_aet(self) -> bool:
+        verdict = self._verdict()
+        return verdict is not None and verdict[2] == 7
+
+
 async def run(runtime: Runtime, stop: asyncio.Event) -> None:
     """Serve DIMSE until ``stop``; then refuse new associations and let running ones end."""
     s = runtime.settings.scp
-    service = StoreService(runtime, asyncio.get_running_loop())
+    access_log = AccessLog(runtime.queue, runtime.settings.node_id)
+    flushing = asyncio.Event()
+    flusher = asyncio.create_task(access_log.run(flushing), name="access-log")
+    service = StoreService(runtime, asyncio.get_running_loop(), access_log)
     ae = make_ae(runtime)
     server = _start_server(ae, (s.host, s.port), service, reuse_port=s.reuse_port)
     log.info("DIMSE listening on %s:%d as %s%s", s.host, s.port, s.ae_title,
              " (TLS only)" if s.tls_certfile else "")
     runtime.mark_listening()
-    await stop.wait()
-    await asyncio.to_thread(_drain, ae, server, runtime.settings.web.graceful_timeout)
+    try:
+        await stop.wait()
+        await asyncio.to_thread(_drain, ae, server, runtime.settings.web.graceful_timeout)
+    finally:
+        flushing.set()
+        await flusher
 
 
 def serves_natively(request: dul.AssociateRequest) -> bool:
@@ -273,6 +436,20 @@ class DimseServer(ThreadedAssociationServer):
             with contextlib.suppress(OSError):
                 sock.close()
             return
+        report = AssociationReport(address[0])
+        report.calling_ae = request.calling_title[:16] or None
+        report.called_ae = request.called_title[:16] or None
+        report.tenant_id, reject = self.service.runtime.settings.admit(
+            request.calling_title, request.called_title, address[0])
+        if reject is not None:
+            log.warning("association from %s@%s to %s rejected: %s", request.calling_title,
+                        address[0], request.called_title,
+                        "called AE title not recognized" if reject[2] == 7 else
+                        "calling AE title or address not allowed for this tenant")
+            dul.refuse(sock, dul.encode_associate_rj(*reject), unread=size)
+            report.services["A-ASSOCIATE-RJ"] = None
+            self.service.record(report, status=reject[2])
+            return
         native = serves_natively(request)
         with self._lock:
             # pynetdicom counts only its own associations: the limit is enforced here
@@ -291,15 +468,22 @@ class DimseServer(ThreadedAssociationServer):
             sock.settimeout(timeout)
             self.process_request_thread(sock, address)  # pynetdicom takes it from here
             return
+        association = dul.StorageAssociation(
+            sock, address, self.acceptance,
+            lambda ts, cls, uid, data, rq: self.service.on_native_store(
+                ts, cls, uid, data, rq, address[0], report),
+            settings.network_timeout)
         try:
-            dul.StorageAssociation(
-                sock, address, self.acceptance,
-                lambda ts, cls, uid, data, rq: self.service.on_native_store(
-                    ts, cls, uid, data, rq, address[0]),
-                settings.network_timeout).run()
+            association.run()
         finally:
             with self._lock:
                 self._native.discard(sock)
+            stats = association.stats
+            if stats.echoed:
+                report.services.setdefault("C-ECHO", None)
+                report.operations += stats.echoed
+            report.bytes_in, report.bytes_out = stats.received, stats.sent
+            self.service.record(report)
 
     def _serve_tls(self, sock: socket.socket, address: tuple[str, int],
                    timeout: float | None) -> None:

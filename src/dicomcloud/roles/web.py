@@ -42,6 +42,8 @@ from starlette.types import Receive, Scope, Send
 
 from dicomcloud import rendered as render
 from dicomcloud import wado
+from dicomcloud.accesslog import AccessLog
+from dicomcloud.auth import Authenticator
 from dicomcloud.dicomjson import instance_json
 from dicomcloud.errors import (
     BackendError,
@@ -59,6 +61,7 @@ from dicomcloud.query import Level, Query, parse_qido
 from dicomcloud.runtime import Runtime
 from dicomcloud.stow import StowReceiver, parse_content_type, response_body
 from dicomcloud.uids import is_valid_uid
+from dicomcloud.webguard import AccessRecorder, BearerGuard
 
 log = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
@@ -634,8 +637,9 @@ def _ranged(data: bytes, header: str | None) -> Response:
                              "Accept-Ranges": "bytes"})
 
 
-def create_app(runtime: Runtime) -> Starlette:
-    """The starlette application of the web role."""
+def create_app(runtime: Runtime, access_log: AccessLog | None = None) -> Starlette:
+    """The starlette application of the web role; ``access_log`` records every DICOMweb
+    request (``dicomcloud.accesslog``)."""
     web = DicomWeb(runtime)
 
     def level(name: Level) -> Any:
@@ -693,13 +697,20 @@ def create_app(runtime: Runtime) -> Starlette:
         log.exception("%s %s failed", request.method, request.url.path, exc_info=exc)
         return _error(500, "internal error; the archive logged the details")
 
+    settings = runtime.settings
     middleware = []
+    if access_log is not None:
+        middleware.append(Middleware(AccessRecorder, settings=settings, access_log=access_log))
     origins = list(runtime.settings.web.cors_origins)
     if origins:  # browsers (OHIF) on another origin; preflight answered by the middleware
         middleware.append(Middleware(
             CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["*"], expose_headers=["ETag", "Warning", "Content-Location"],
             allow_credentials="*" not in origins, max_age=600))
+    if settings.auth.enabled:
+        middleware.append(Middleware(
+            BearerGuard, settings=settings,
+            authenticator=Authenticator(settings.auth, runtime.cache)))
     return Starlette(routes=routes, middleware=middleware, exception_handlers={
         DicomCloudError: dicom_error, Exception: unexpected})
 
@@ -743,6 +754,15 @@ async def run(runtime: Runtime, stop: asyncio.Event) -> None:
     config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns the descriptor from here
     log.info("DICOMweb on %s://%s:%d%s", "https" if config.ssl_enabled else "http",
              s.host, s.port, s.root)
+    access_log = AccessLog(runtime.queue, runtime.settings.node_id)
+    flushing = asyncio.Event()
+    flusher = asyncio.create_task(access_log.run(flushing), name="access-log")
+    if runtime.settings.auth.enabled:
+        log.info("DICOMweb requires bearer tokens of %s", runtime.settings.auth.issuer)
     runtime.mark_listening()
-    await hypercorn_serve(create_app(runtime), config,  # type: ignore[arg-type]
-                          shutdown_trigger=stop.wait)
+    try:
+        await hypercorn_serve(create_app(runtime, access_log), config,  # type: ignore[arg-type]
+                              shutdown_trigger=stop.wait)
+    finally:
+        flushing.set()
+        await flusher

@@ -24,7 +24,10 @@ from typing import Any
 
 import orjson
 
+from dicomcloud.accesslog import TOPIC as LOG_TOPIC
+from dicomcloud.accesslog import access_rows
 from dicomcloud.dicomjson import instance_json
+from dicomcloud.errors import BackendError
 from dicomcloud.model import JsonTask
 from dicomcloud.runtime import Runtime
 
@@ -95,8 +98,43 @@ class MetadataBuilder:
         return docs
 
 
+ACCESS_GROUP = "dicomcloud-access-log"
+
+
+async def load_access_log(runtime: Runtime, stop: asyncio.Event) -> None:
+    """Copy the access events of ``log_queue`` into the index's ``access_log`` table (the
+    embedded stand-in for Doris' ``dicom_access_log``) until ``stop``. Offsets are
+    committed after the rows are; a redelivered event is skipped by its ``trace_id``."""
+    while not stop.is_set():
+        try:
+            messages = await runtime.queue.fetch(LOG_TOPIC, ACCESS_GROUP, 2000, 1.0)
+            if messages:
+                await runtime.index.record_access(access_rows(m.body for m in messages))
+                await runtime.queue.commit(ACCESS_GROUP, messages)
+        except BackendError as exc:
+            log.warning("access log table: %s; retrying", exc.message)
+            with contextlib.suppress(BackendError):
+                await runtime.queue.rewind(LOG_TOPIC, ACCESS_GROUP)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1.0)
+
+
 async def run(runtime: Runtime, stop: asyncio.Event) -> None:
-    """Scan for due series until ``stop``."""
+    """Scan for due series until ``stop``; load the access log table beside it."""
+    if runtime.settings.access_log_table:
+        loader = asyncio.create_task(load_access_log(runtime, stop), name="access-log-table")
+        try:
+            await _scan(runtime, stop)
+        finally:
+            if not stop.is_set():  # the scan failed: the loader goes too (redelivery is safe)
+                loader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loader
+    else:
+        await _scan(runtime, stop)
+
+
+async def _scan(runtime: Runtime, stop: asyncio.Event) -> None:
     settings = runtime.settings.worker
     builder = MetadataBuilder(runtime)
     last_housekeeping = 0.0
@@ -114,6 +152,12 @@ async def run(runtime: Runtime, stop: asyncio.Event) -> None:
             dropped = await runtime.queue.housekeep(settings.queue_retention_days * 86400)
             if dropped:
                 log.info("housekeeping: dropped %d consumed queue message(s)", dropped)
+            if runtime.settings.access_log_table:
+                pruned = await runtime.index.prune_access(
+                    _now() - timedelta(days=settings.access_log_days))
+                if pruned:
+                    log.info("housekeeping: deleted %d access log row(s) older than %g days",
+                             pruned, settings.access_log_days)
         if len(tasks) < settings.batch_size:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), await _idle_seconds(runtime))

@@ -1,0 +1,169 @@
+"""ASGI middleware of the web role: the access log and the bearer-token guard.
+
+Order, outermost first: ``AccessRecorder`` (sees every DICOMweb request, refused ones
+included), CORS (so that a browser can read a 401), ``BearerGuard``, the routes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from dicomcloud.accesslog import AccessEvent, AccessLog, clip
+from dicomcloud.auth import READ, WRITE, Authenticator, Principal
+from dicomcloud.config import Settings
+from dicomcloud.errors import BackendError, Forbidden, Unauthorized
+
+PRINCIPAL = "dicomcloud.principal"  # scope key: the verified token's Principal
+_UNSAFE = re.compile(r'[^\x20\x21\x23-\x5b\x5d-\x7e]')  # RFC 6750 3: error_description
+
+
+def dicomweb_tenant(path: str, settings: Settings) -> str | None:
+    """The tenant a path addresses (``{root}/...`` the default one, ``/tenants/{t}{root}/...``
+    tenant ``t``), or None for a path outside DICOMweb (health probes)."""
+    root = settings.web.root
+    if path == root or path.startswith(root + "/"):
+        return settings.default_tenant
+    if path.startswith("/tenants/"):
+        tenant, _, rest = path[9:].partition("/")
+        rest = "/" + rest
+        if tenant and (rest == root or rest.startswith(root + "/")):
+            return tenant
+    return None
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+class BearerGuard:
+    """Requires a valid bearer token with the right scope and tenant on DICOMweb paths
+    (RFC 6750): read for GET/HEAD (QIDO-RS, WADO-RS), write for POST (STOW-RS). CORS
+    preflights (OPTIONS) and the health probes pass untouched."""
+
+    def __init__(self, app: ASGIApp, settings: Settings, authenticator: Authenticator) -> None:
+        self.app = app
+        self.settings = settings
+        self.authenticator = authenticator
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        tenant = dicomweb_tenant(scope["path"], self.settings)
+        if tenant is None:
+            await self.app(scope, receive, send)
+            return
+        right = READ if scope["method"] in ("GET", "HEAD") else WRITE
+        try:
+            principal = await self.authenticator.authenticate(
+                _header(scope, b"authorization"))
+            principal.may(right, tenant, self.settings.auth)
+        except Unauthorized as exc:
+            await self._refuse(send, 401, exc.message, exc.error)
+            return
+        except Forbidden as exc:
+            await self._refuse(send, 403, exc.message, "insufficient_scope", exc.scope)
+            return
+        except BackendError as exc:  # the issuer's keys cannot be fetched
+            await _json(send, 503, exc.message, [(b"retry-after", b"10")])
+            return
+        scope[PRINCIPAL] = principal
+        await self.app(scope, receive, send)
+
+    async def _refuse(self, send: Send, status: int, message: str, error: str,
+                      scope: str = "") -> None:
+        """401/403 with the RFC 6750 3 challenge."""
+        challenge = f'Bearer realm="{self.settings.auth.realm}"'
+        if error:
+            challenge += f', error="{error}", error_description="{_UNSAFE.sub("", message)}"'
+        if scope:
+            challenge += f', scope="{scope}"'
+        await _json(send, status, message, [(b"www-authenticate", challenge.encode())])
+
+
+async def _json(send: Send, status: int, message: str,
+                headers: list[tuple[bytes, bytes]]) -> None:
+    body = json.dumps({"status": status, "message": message}).encode()
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class AccessRecorder:
+    """Records one access event per DICOMweb request: who, tenant, route, UIDs, status,
+    bytes each way, duration, client address."""
+
+    def __init__(self, app: ASGIApp, settings: Settings, access_log: AccessLog) -> None:
+        self.app = app
+        self.settings = settings
+        self.access_log = access_log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        tenant = dicomweb_tenant(scope["path"], self.settings)
+        if tenant is None:
+            await self.app(scope, receive, send)
+            return
+        started = time.time()
+        clock = time.perf_counter()
+        counts = {"in": 0, "out": 0, "status": 500}
+
+        async def receiving() -> Message:
+            message = await receive()
+            counts["in"] += len(message.get("body", b""))
+            return message
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                counts["status"] = message["status"]
+            elif message["type"] == "http.response.body":
+                counts["out"] += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receiving, sending)
+        finally:
+            self.access_log.record(self._event(scope, tenant, counts, clock), started)
+
+    def _event(self, scope: Scope, tenant: str, counts: dict[str, int],
+               clock: float) -> AccessEvent:
+        route = scope.get("route")
+        template = str(getattr(route, "path", "")) or "(no route)"
+        params: dict[str, Any] = scope.get("path_params") or {}
+        principal: Principal | None = scope.get(PRINCIPAL)
+        client = scope.get("client")
+        return AccessEvent(
+            tenant_id=tenant, protocol="DICOMweb", service=_service(scope["method"], template),
+            route=template, method=scope["method"], status=counts["status"],
+            client_ip=client[0] if client else None,
+            study_uid=_uid(params.get("study")), series_uid=_uid(params.get("series")),
+            sop_uid=_uid(params.get("sop")),
+            bytes_in=counts["in"], bytes_out=counts["out"],
+            duration_ms=round((time.perf_counter() - clock) * 1000, 3),
+            principal=clip(principal.subject) if principal else None,
+            client_id=clip(principal.client_id) if principal else None,
+            user_agent=clip(_header(scope, b"user-agent")))
+
+
+def _service(method: str, template: str) -> str:
+    if method == "POST":
+        return "STOW-RS"
+    if template.endswith(("/studies", "/series", "/instances")):
+        return "QIDO-RS"
+    return "WADO-RS"
+
+
+def _uid(value: Any) -> str | None:
+    """A path UID as logged: at most 64 characters (a hostile one is cut, not trusted)."""
+    return str(value)[:64] if value is not None else None
