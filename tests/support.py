@@ -6,6 +6,7 @@ import contextlib
 import functools
 import hashlib
 import io
+import json
 import os
 import re
 import shutil
@@ -605,3 +606,18 @@ def is_listening(port: int) -> bool:
 
     return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
                for c in psutil.net_connections(kind="tcp"))
+
+
+def access_rows(archive: Archive, *args: str) -> list[dict[str, Any]]:
+    """The archive's access-log rows, newest first (``dicomcloud access-log --json``)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "dicomcloud", "access-log", "--json", "--limit", "1000",
+         "--data-dir", str(archive.data_dir), *args],
+        capture_output=True, text=True, cwd=archive.data_dir.parent, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def rows_where(archive: Archive, **match: Any) -> list[dict[str, Any]]:
+    """Access-log rows whose fields equal ``match``."""
+    return [r for r in access_rows(archive) if all(r.get(k) == v for k, v in match.items())]

@@ -24,7 +24,7 @@ from dicomcloud.auth import Authenticator
 from dicomcloud.config import AuthSettings, load_settings
 from dicomcloud.errors import BackendError, ConfigError, Forbidden, Unauthorized
 from tests.oidc_provider import OidcProvider, ec_jwk, free_port, rsa_jwk, sign
-from tests.support import Archive, make_ct, multipart, part10_bytes, wait_until
+from tests.support import Archive, make_ct, multipart, part10_bytes, rows_where, wait_until
 
 AUDIENCE = "https://dicomcloud.test/dicomweb"
 HOSP_AE, HOSP = "HOSPB", "hospb"
@@ -208,6 +208,19 @@ def test_bad_tokens_never_reach_stored_data(archive: Archive, idp: OidcProvider,
     time.sleep(1.0)
     assert httpx.get(f"{archive.url}/studies", headers=admin,
                      params={"StudyInstanceUID": str(ds.StudyInstanceUID)}).content in (b"", b"[]")
+
+
+def test_the_access_log_names_the_client_of_each_token_and_keeps_refusals(
+        archive: Archive, idp: OidcProvider) -> None:
+    agent = {"User-Agent": "auth-access-test"}
+    assert studies(archive, {**agent, **bearer(token(idp, "reader"))}).status_code == 200
+    assert studies(archive, agent).status_code == 401
+    wait_until(lambda: len(rows_where(archive, user_agent="auth-access-test")) == 2,
+               message="both requests logged", timeout=30)
+    rows = {r["status"]: r for r in rows_where(archive, user_agent="auth-access-test")}
+    assert (rows[200]["principal"], rows[200]["client_id"]) == ("reader", "reader")
+    assert rows[401]["principal"] is None and rows[401]["service"] == "QIDO-RS"
+    assert rows[401]["route"] == "/studies"
 
 
 # -- rights: 403 ------------------------------------------------------------------------

@@ -131,6 +131,51 @@ def migrate(config: ConfigOpt = None, data_dir: DataDirOpt = None) -> None:
         console.print("index schema is up to date")
 
 
+@app.command("access-log")
+def access_log(
+    config: ConfigOpt = None, data_dir: DataDirOpt = None,
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's rows.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=100_000, help="Rows to show.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """Show the newest access-log rows: who read or stored what, over DICOMweb and DIMSE.
+
+    The worker role keeps them in the index (worker.access_log_table; on by default on one
+    node). Scaled out, query Doris' dicom_access_log instead.
+    """
+    import orjson
+
+    settings = _settings(config, data_dir=data_dir)
+    _setup_logging("WARNING")
+
+    async def go() -> list[dict[str, Any]]:
+        from dicomcloud.backends.sqlindex import SqlIndex
+
+        async with SqlIndex(settings.resolved_index_url) as index:
+            return await index.recent_access(tenant, limit)
+
+    try:
+        rows = asyncio.run(go())
+    except DicomCloudError as exc:
+        raise _fail(exc) from exc
+    if as_json:
+        for row in rows:
+            sys.stdout.write(orjson.dumps(row, default=str).decode() + "\n")
+        return
+    table = Table("time (UTC)", "tenant", "who", "from", "service", "what", "status", "bytes",
+                  "ms")
+    for row in reversed(rows):
+        who = row["principal"] or row["client_id"] or row["calling_ae"] or "-"
+        what = row["sop_uid"] or row["series_uid"] or row["study_uid"] or row["route"]
+        table.add_row(str(row["event_time"])[:23], row["tenant_id"], who,
+                      row["client_ip"] or "-", row["service"], what, str(row["status"]),
+                      str(row["bytes_in"] + row["bytes_out"]), f"{row['duration_ms']:.1f}")
+    Console().print(table)
+    if not rows:
+        console.print("no access recorded yet (is the worker role running, with "
+                      "worker.access_log_table on?)")
+
+
 def _files(paths: list[Path]) -> Iterator[Path]:
     for path in paths:
         if path.is_dir():

@@ -85,6 +85,17 @@ class WebSettings:
     #: Bind with SO_REUSEPORT (set for the HTTP server processes).
     reuse_port: bool = False
     max_upload_bytes: int = 4 * 1024**3
+    #: STOW-RS: parts (instances) in one request, and bytes in one part (413 beyond).
+    max_parts: int = 10_000
+    max_part_bytes: int = 2 * 1024**3
+    #: Bytes of request line and headers (HTTP/1.1), or of the header list (HTTP/2).
+    max_header_bytes: int = 16_384
+    #: Seconds a connection may send nothing, within a request or between requests, before
+    #: it is closed (a stalled or "slowloris" client holds nothing for long).
+    idle_timeout: float = 75.0
+    #: Seconds a client may take to accept each piece of a response; one that stops reading
+    #: is dropped instead of holding its request (and its open file) forever.
+    send_timeout: float = 120.0
     qido_default_limit: int = 1000
     qido_max_limit: int = 10000
     graceful_timeout: float = 10.0

@@ -84,6 +84,8 @@ class StowReceiver:
     boundary: bytes
     study_uid: str | None
     max_bytes: int
+    max_parts: int = 10_000
+    max_part_bytes: int = 2 * 1024**3
     results: list[PartResult] = field(default_factory=list)
     _pending: list[_Pending] = field(default_factory=list)
     _received: int = 0
@@ -94,6 +96,8 @@ class StowReceiver:
         self._header_name = b""
         self._header_value = b""
         self._part_type = ""
+        self._parts = 0
+        self._part_size = 0
         self._parser = MultipartParser(self.boundary, {
             "on_part_begin": self._part_begin,
             "on_part_data": self._part_data,
@@ -117,6 +121,9 @@ class StowReceiver:
         except MultipartParseError as exc:
             self.abort()
             raise BadRequest(f"malformed multipart body: {exc}") from exc
+        except PayloadTooLarge:  # raised by a callback: a part too many, or too large
+            self.abort()
+            raise
 
     def finish(self) -> list[PartResult]:
         """After the last byte: store accepted parts and return every part's outcome."""
@@ -155,6 +162,11 @@ class StowReceiver:
     # -- parser callbacks ---------------------------------------------------------------
     def _part_begin(self) -> None:
         self._part_type = "application/dicom"
+        self._parts += 1
+        self._part_size = 0
+        if self._parts > self.max_parts:
+            raise PayloadTooLarge(f"more than {self.max_parts} parts in one request "
+                                  "(web.max_parts); send the instances in several requests")
 
     def _header_field(self, data: bytes, start: int, end: int) -> None:
         self._header_name += data[start:end]
@@ -170,6 +182,10 @@ class StowReceiver:
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         if self._part_type != "application/dicom":
             return
+        self._part_size += end - start
+        if self._part_size > self.max_part_bytes:
+            raise PayloadTooLarge(f"part {self._parts} exceeds {self.max_part_bytes} bytes "
+                                  "(web.max_part_bytes)")
         if self._staged is None:
             self._staged = self.ingestor.storage.stage()
         self._staged.write(data[start:end])

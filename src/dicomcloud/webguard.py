@@ -6,11 +6,15 @@ included), CORS (so that a browser can read a 401), ``BearerGuard``, the routes.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import re
 import time
+from collections.abc import Sequence
 from typing import Any
 
+from starlette.routing import BaseRoute, Match, Mount, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dicomcloud.accesslog import AccessEvent, AccessLog, clip
@@ -18,6 +22,7 @@ from dicomcloud.auth import READ, WRITE, Authenticator, Principal
 from dicomcloud.config import Settings
 from dicomcloud.errors import BackendError, Forbidden, Unauthorized
 
+log = logging.getLogger(__name__)
 PRINCIPAL = "dicomcloud.principal"  # scope key: the verified token's Principal
 _UNSAFE = re.compile(r'[^\x20\x21\x23-\x5b\x5d-\x7e]')  # RFC 6750 3: error_description
 
@@ -98,14 +103,22 @@ async def _json(send: Send, status: int, message: str,
     await send({"type": "http.response.body", "body": body})
 
 
+class ClientTooSlow(Exception):
+    """The client did not accept a piece of the response within ``web.send_timeout``."""
+
+
 class AccessRecorder:
     """Records one access event per DICOMweb request: who, tenant, route, UIDs, status,
-    bytes each way, duration, client address."""
+    bytes each way, duration, client address. Also drops a client that takes longer than
+    ``web.send_timeout`` to accept a piece of its response (it stopped reading: the request
+    would otherwise hold its file and memory for as long as the connection stays open)."""
 
-    def __init__(self, app: ASGIApp, settings: Settings, access_log: AccessLog) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings, access_log: AccessLog,
+                 routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
         self.settings = settings
         self.access_log = access_log
+        self.routes = routes  # to name the route of a request refused before routing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] == "OPTIONS":
@@ -124,23 +137,36 @@ class AccessRecorder:
             counts["in"] += len(message.get("body", b""))
             return message
 
+        send_timeout = self.settings.web.send_timeout
+
         async def sending(message: Message) -> None:
             if message["type"] == "http.response.start":
                 counts["status"] = message["status"]
             elif message["type"] == "http.response.body":
                 counts["out"] += len(message.get("body", b""))
-            await send(message)
+            try:
+                async with asyncio.timeout(send_timeout):
+                    await send(message)
+            except TimeoutError:
+                raise ClientTooSlow from None
 
         try:
             await self.app(scope, receiving, sending)
+        except ClientTooSlow:  # returning closes the connection mid-response
+            client = scope.get("client")
+            log.warning("%s %s: client %s accepted nothing for %.0f s (web.send_timeout); "
+                        "dropped after %d bytes", scope["method"], scope["path"][:200],
+                        client[0] if client else "?", send_timeout, counts["out"])
         finally:
             self.access_log.record(self._event(scope, tenant, counts, clock), started)
 
     def _event(self, scope: Scope, tenant: str, counts: dict[str, int],
                clock: float) -> AccessEvent:
         route = scope.get("route")
-        template = str(getattr(route, "path", "")) or "(no route)"
+        template = str(getattr(route, "path", ""))
         params: dict[str, Any] = scope.get("path_params") or {}
+        if not template:  # refused before routing (401/403), or no such route (404)
+            template, params = _resolve(self.routes, scope)
         principal: Principal | None = scope.get(PRINCIPAL)
         client = scope.get("client")
         return AccessEvent(
@@ -154,6 +180,19 @@ class AccessRecorder:
             principal=clip(principal.subject) if principal else None,
             client_id=clip(principal.client_id) if principal else None,
             user_agent=clip(_header(scope, b"user-agent")))
+
+
+def _resolve(routes: Sequence[BaseRoute], scope: Scope) -> tuple[str, dict[str, Any]]:
+    """The route template and path parameters a request would have been routed to."""
+    for route in routes:
+        match, child = route.matches(scope)
+        if match == Match.NONE:
+            continue
+        if isinstance(route, Mount):
+            return _resolve(route.routes, {**scope, **child})
+        if isinstance(route, Route):
+            return route.path, dict(child.get("path_params", {}))
+    return "(no route)", {}
 
 
 def _service(method: str, template: str) -> str:

@@ -223,7 +223,8 @@ class SqlIndex:
         stmt = sa.select(access_log).order_by(access_log.c.event_time.desc()).limit(limit)
         if tenant_id is not None:
             stmt = stmt.where(access_log.c.tenant_id == tenant_id)
-        return await self._run(lambda conn: [dict(r) for r in conn.execute(stmt).mappings()])
+        return await self._run(lambda conn: [
+            {str(k): v for k, v in r.items()} for r in conn.execute(stmt).mappings()])
 
     async def prune_access(self, before: dt.datetime) -> int:
         """Delete access-log rows older than ``before``; returns how many."""

@@ -220,8 +220,16 @@ def _even(raw: bytes) -> bytes:
     return raw + b"\x00" if len(raw) % 2 else raw
 
 
+def error_comment(text: str) -> str:
+    """Text fit for Error Comment (0000,0902), an LO value (PS3.7 C.4.2.1.4, PS3.5 6.2):
+    at most 64 characters, ASCII, no backslash (the value separator) and no control
+    characters."""
+    text = text.encode("ascii", "replace").decode()
+    return "".join("/" if c == "\\" else c if " " <= c < "\x7f" else " " for c in text)[:64]
+
+
 def _lo(value: str) -> bytes:
-    raw = value.encode("ascii", "replace")[:64]
+    raw = error_comment(value).encode()
     return raw + b" " if len(raw) % 2 else raw
 
 

@@ -86,8 +86,7 @@ _VERIFICATION = UID("1.2.840.10008.1.1")
 def _status(code: int, comment: str) -> Dataset:
     status = Dataset()
     status.Status = code
-    # Error Comment is LO: at most 64 characters (PS3.7 C.4.2.1.4)
-    status.ErrorComment = comment.encode("ascii", "replace").decode()[:64]
+    status.ErrorComment = dul.error_comment(comment)
     return status
 
 

@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import hashlib
 import logging
+import math
 import os
 import re
 import socket
@@ -133,7 +134,8 @@ class DicomWeb:
             raise BadRequest(f"invalid study UID in the path: {study_uid[:70]!r}")
         client = request.client.host if request.client else None
         receiver = StowReceiver(self.runtime.ingestor, Origin(self.tenant(request), None, client),
-                                boundary, study_uid, limit)
+                                boundary, study_uid, limit, max_parts=self.settings.web.max_parts,
+                                max_part_bytes=self.settings.web.max_part_bytes)
         try:
             pending: list[bytes] = []
             size = 0
@@ -700,7 +702,8 @@ def create_app(runtime: Runtime, access_log: AccessLog | None = None) -> Starlet
     settings = runtime.settings
     middleware = []
     if access_log is not None:
-        middleware.append(Middleware(AccessRecorder, settings=settings, access_log=access_log))
+        middleware.append(Middleware(AccessRecorder, settings=settings, access_log=access_log,
+                                     routes=routes))
     origins = list(runtime.settings.web.cors_origins)
     if origins:  # browsers (OHIF) on another origin; preflight answered by the middleware
         middleware.append(Middleware(
@@ -722,7 +725,11 @@ def hypercorn_config(runtime: Runtime) -> HypercornConfig:
     config.graceful_timeout = s.graceful_timeout
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
-    config.keep_alive_timeout = 75
+    config.keep_alive_timeout = s.idle_timeout
+    # silent connections, also mid-request (slowloris); hypercorn takes whole seconds
+    config.read_timeout = max(1, math.ceil(s.idle_timeout))
+    config.h11_max_incomplete_size = s.max_header_bytes
+    config.h2_max_header_list_size = s.max_header_bytes
     config.include_server_header = False
     if s.tls_certfile:  # HTTPS, HTTP/2 by ALPN (RFC 9113); checked by config._check
         config.certfile, config.keyfile = s.tls_certfile, s.tls_keyfile
