@@ -1,5 +1,7 @@
-"""Tenants over DICOMweb: the default tenant at the root, every tenant under
-``/tenants/{tenant}/dicomweb``, each seeing only its own data even with the same UIDs."""
+"""Tenants: over DICOMweb the default tenant at the root and every tenant under
+``/tenants/{tenant}/dicomweb``; over DIMSE the tenant of the called AE title. Each sees only
+its own data, even when two tenants hold the same UIDs (QIDO, WADO, STOW, C-FIND, C-MOVE,
+C-GET)."""
 
 from __future__ import annotations
 
@@ -8,11 +10,19 @@ from typing import Any
 
 import httpx
 import pytest
-from pydicom.uid import generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
 
 from tests.support import (
     Archive,
     c_store,
+    free_port,
     layout_snapshot,
     make_ct,
     multipart,
@@ -24,10 +34,19 @@ HOSP_AE, HOSP = "HOSPB", "hospb"
 DICOM_JSON = "application/dicom+json"
 
 
+MOVE_DEST = "CATCHER"
+
+
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
+def catcher_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory, catcher_port: int) -> Iterator[Archive]:
     instance = Archive(tmp_path_factory.mktemp("tenants") / "data", env={
         f"DICOMCLOUD_SCP__AE_TENANTS__{HOSP_AE}": HOSP,
+        f"DICOMCLOUD_SCP__MOVE_DESTINATIONS__{MOVE_DEST}": f"127.0.0.1:{catcher_port}",
         "DICOMCLOUD_WEB__PROCESSES": "0",
     }).start()
     yield instance
@@ -121,3 +140,94 @@ def test_unknown_or_invalid_tenant_is_404_and_never_creates_anything(
                           headers={"Content-Type": content_type})
     assert response.status_code == 404
     assert layout_snapshot(archive) == before
+
+
+# -- DIMSE: the called AE title selects the tenant ---------------------------------------
+def _query(level: str, **keys: str) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def _associate(archive: Archive, called: str, *contexts: Any, get_roles: bool = False) -> Any:
+    ae = AE(ae_title="TENANTTEST")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    for context in contexts:
+        ae.add_requested_context(context)
+    roles = []
+    if get_roles:
+        ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+        roles = [build_role(CTImageStorage, scp_role=True)]
+    assoc = ae.associate("127.0.0.1", archive.dimse_port, ae_title=called, ext_neg=roles)
+    assert assoc.is_established
+    return assoc
+
+
+@pytest.mark.parametrize(("called", "expected"), [("DICOMCLOUD", "P-DEF"), (HOSP_AE, "P-HOSP")])
+def test_c_find_with_the_same_uids_answers_from_the_called_tenant_only(
+        archive: Archive, same_uids: dict[str, Any], called: str, expected: str) -> None:
+    assoc = _associate(archive, called, StudyRootQueryRetrieveInformationModelFind)
+    try:
+        for level, keys in (("STUDY", {"StudyInstanceUID": same_uids["study"]}),
+                            ("IMAGE", {"StudyInstanceUID": same_uids["study"],
+                                       "SeriesInstanceUID": same_uids["series"],
+                                       "SOPInstanceUID": same_uids["sop"]})):
+            query = _query(level, PatientID="", **keys)
+            answers = [ident.PatientID for status, ident in assoc.send_c_find(
+                query, StudyRootQueryRetrieveInformationModelFind)
+                if status.Status in (0xFF00, 0xFF01)]
+            assert answers == [expected], level
+    finally:
+        assoc.release()
+
+
+@pytest.mark.parametrize(("called", "expected"), [("DICOMCLOUD", "P-DEF"), (HOSP_AE, "P-HOSP")])
+def test_c_get_with_the_same_uids_sends_the_called_tenant_instance_only(
+        archive: Archive, same_uids: dict[str, Any], called: str, expected: str) -> None:
+    received: list[str] = []
+
+    def on_store(event: Any) -> int:
+        received.append(str(event.dataset.PatientID))
+        return 0x0000
+
+    assoc = _associate(archive, called, StudyRootQueryRetrieveInformationModelGet,
+                          get_roles=True)
+    assoc.bind(evt.EVT_C_STORE, on_store)
+    try:
+        statuses = [status.Status for status, _ in assoc.send_c_get(
+            _query("STUDY", StudyInstanceUID=same_uids["study"]),
+            StudyRootQueryRetrieveInformationModelGet)]
+    finally:
+        assoc.release()
+    assert statuses[-1] == 0x0000
+    assert received == [expected]
+
+
+@pytest.mark.parametrize(("called", "expected"), [("DICOMCLOUD", "P-DEF"), (HOSP_AE, "P-HOSP")])
+def test_c_move_with_the_same_uids_sends_the_called_tenant_instance_only(
+        archive: Archive, same_uids: dict[str, Any], catcher_port: int, called: str,
+        expected: str) -> None:
+    received: list[str] = []
+
+    def on_store(event: Any) -> int:
+        received.append(str(event.dataset.PatientID))
+        return 0x0000
+
+    catcher = AE(ae_title=MOVE_DEST)
+    catcher.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian])
+    server = catcher.start_server(("127.0.0.1", catcher_port), block=False,
+                                  evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        assoc = _associate(archive, called, StudyRootQueryRetrieveInformationModelMove)
+        try:
+            statuses = [status.Status for status, _ in assoc.send_c_move(
+                _query("STUDY", StudyInstanceUID=same_uids["study"]), MOVE_DEST,
+                StudyRootQueryRetrieveInformationModelMove)]
+        finally:
+            assoc.release()
+    finally:
+        server.shutdown()
+    assert statuses[-1] == 0x0000
+    assert received == [expected]
