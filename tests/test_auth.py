@@ -362,3 +362,27 @@ def test_unsafe_auth_settings_are_refused_at_start(monkeypatch: pytest.MonkeyPat
         monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError, match=message):
         load_settings()
+
+
+async def test_the_key_set_is_shared_through_redis(idp: OidcProvider, redis_url: str) -> None:
+    """A second process (node) finds the key set in Redis and does not ask the provider."""
+    from dicomcloud.backends.rediscache import RedisCache
+
+    settings = AuthSettings(enabled=True, issuer=idp.issuer, audience=(AUDIENCE,))
+    url = redis_url + "auth-jwks:"
+    async with RedisCache(url) as first_cache, RedisCache(url) as second_cache:
+        first, second = Authenticator(settings, first_cache), Authenticator(settings,
+                                                                            second_cache)
+        fetched: list[str] = []
+        for name, auth in (("first", first), ("second", second)):
+            original = auth._fetch_jwks
+
+            def counting(name: str = name, original: Any = original) -> bytes:
+                fetched.append(name)
+                return bytes(original())
+
+            auth._fetch_jwks = counting  # type: ignore[method-assign]
+        value = "Bearer " + token(idp, "reader")
+        assert (await first.authenticate(value)).client_id == "reader"
+        assert (await second.authenticate(value)).client_id == "reader"
+        assert fetched == ["first"]
