@@ -146,6 +146,11 @@ def test_allowed_peers_hold_over_dicom_tls(tmp_path_factory: pytest.TempPathFact
         assert outcome(associate(archive, "CT1", "TYPO_AE", tls=tls())) == ("rejected", 7)
         assert outcome(associate(archive, "INTRUDER", "DICOMCLOUD", tls=tls())) == (
             "accepted", None)
+        # rejections over TLS are logged with their reason too
+        wait_until(lambda: bool(rows_where(archive, calling_ae="INTRUDER", called_ae=HOSP_AE)),
+                   message="the TLS rejection logged", timeout=30)
+        [refused] = rows_where(archive, calling_ae="INTRUDER", called_ae=HOSP_AE)
+        assert (refused["service"], refused["status"]) == ("A-ASSOCIATE-RJ", 3)
     finally:
         archive.stop()
 

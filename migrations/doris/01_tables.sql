@@ -6,11 +6,13 @@
 -- Corrected from the reference DDL: no trailing comma in dicom_image_meta; the image
 -- table names Rows/Columns `rows`/`columns` (not `width`); dicom_state_meta has the
 -- series_related_instances column its routine load writes. Column types follow the
--- message bodies: dates YYYY-MM-DD, datetimes YYYY-MM-DD HH:MM:SS, nulls as JSON null.
+-- message bodies: dates YYYY-MM-DD, datetimes YYYY-MM-DD HH:MM:SS (the access log's
+-- event_time YYYY-MM-DD HH:MM:SS.mmm, DATETIME(3)), nulls as JSON null.
 -- VARCHAR lengths are bytes (UTF-8): person names and descriptions get room for
 -- multi-byte character sets.
 
--- Every object received (C-STORE, STOW-RS), from log_queue: one row per reception.
+-- Every object received (C-STORE, STOW-RS), from the log_queue messages with log_type
+-- "object": one row per reception.
 CREATE TABLE IF NOT EXISTS dicom_object_meta (
     tenant_id            VARCHAR(64)   NOT NULL,
     patient_id           VARCHAR(256)  NOT NULL,
@@ -117,3 +119,40 @@ CREATE TABLE IF NOT EXISTS dicom_image_meta (
 UNIQUE KEY(tenant_id, patient_id, study_uid, series_uid, sop_uid)
 DISTRIBUTED BY HASH(study_uid) BUCKETS AUTO
 PROPERTIES ("replication_num" = "1", "enable_unique_key_merge_on_write" = "true");
+
+-- One row per DICOMweb request and per DICOM association (dicomcloud/accesslog.py), from the
+-- log_queue messages with log_type "access". The key sorts by time first (the newest
+-- events of a period, of a tenant); rows are spread by trace_id (random, one per event).
+-- event_time is UTC with milliseconds. Widths, in bytes: uid columns 256 because a
+-- DICOMweb path's UID is logged as sent (64 characters at most, any of them); principal,
+-- client_id and user_agent are cut to 256 characters (1024 bytes; a User-Agent header is
+-- read as Latin-1, 512); AE titles 16 characters (64 bytes); service is the comma-separated
+-- list of the association's DIMSE services; route the DICOMweb URL template or
+-- "association"; status the HTTP status or the association's DIMSE status.
+CREATE TABLE IF NOT EXISTS dicom_access_log (
+    event_time      DATETIME(3)   NOT NULL,
+    tenant_id       VARCHAR(64)   NOT NULL,
+    protocol        VARCHAR(16),
+    service         VARCHAR(128),
+    route           VARCHAR(256),
+    status          INT,
+    client_ip       VARCHAR(64),
+    method          VARCHAR(16),
+    study_uid       VARCHAR(64),
+    series_uid      VARCHAR(256),
+    sop_uid         VARCHAR(256),
+    bytes_in        BIGINT,
+    bytes_out       BIGINT,
+    duration_ms     DOUBLE,
+    principal       VARCHAR(1024),
+    client_id       VARCHAR(1024),
+    calling_ae      VARCHAR(64),
+    called_ae       VARCHAR(64),
+    user_agent      VARCHAR(1024),
+    operations      INT,
+    trace_id        VARCHAR(64),
+    worker_node_id  VARCHAR(256)
+)
+DUPLICATE KEY(event_time, tenant_id)
+DISTRIBUTED BY HASH(trace_id) BUCKETS AUTO
+PROPERTIES ("replication_num" = "1");

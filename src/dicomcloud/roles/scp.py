@@ -169,6 +169,8 @@ class StoreService:
     def _rejected(self, event: evt.Event) -> None:
         report = self.report_of(event.assoc)
         report.services["A-ASSOCIATE-RJ"] = None
+        sent = event.assoc.acceptor.primitive  # the A-ASSOCIATE-RJ (PS3.8 9.3.4)
+        report.status = int(getattr(sent, "diagnostic", None) or 1)
 
     def _closed(self, event: evt.Event) -> None:
         report = self.report_of(event.assoc)
