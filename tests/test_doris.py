@@ -913,11 +913,6 @@ def _raw_get(port: int, request_line: bytes, user_agent: bytes) -> bytes:
     return answer.split(b"\r\n", 1)[0]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "webguard.AccessRecorder logs the request method and the {tenant} of a /tenants/{tenant}/ "
-    "path as sent (bounded only by web.max_header_bytes): such an event fits no column of "
-    "dicom_access_log (Doris counts it as an error row) nor of the index's access_log "
-    "(PostgreSQL refuses the batch, and the worker retries it for ever)"))
 def test_access_events_of_requests_with_a_long_method_or_tenant_still_load(
         archive_factory: Any) -> None:
     archive = archive_factory("hostile")

@@ -125,8 +125,8 @@ PROPERTIES ("replication_num" = "1", "enable_unique_key_merge_on_write" = "true"
 -- events of a period, of a tenant); rows are spread by trace_id (random, one per event).
 -- event_time is UTC with milliseconds. Widths, in bytes: uid columns 256 because a
 -- DICOMweb path's UID is logged as sent (64 characters at most, any of them); principal,
--- client_id and user_agent are cut to 256 characters (1024 bytes; a User-Agent header is
--- read as Latin-1, 512); AE titles 16 characters (64 bytes); service is the comma-separated
+-- client_id and user_agent are cut to 256 characters (up to 1024 bytes; user_agent, read
+-- as Latin-1, up to 512); AE titles 16 characters (64 bytes); service is the comma-separated
 -- list of the association's DIMSE services; route the DICOMweb URL template or
 -- "association"; status the HTTP status or the association's DIMSE status.
 CREATE TABLE IF NOT EXISTS dicom_access_log (
@@ -138,7 +138,7 @@ CREATE TABLE IF NOT EXISTS dicom_access_log (
     status          INT,
     client_ip       VARCHAR(64),
     method          VARCHAR(16),
-    study_uid       VARCHAR(64),
+    study_uid       VARCHAR(256),
     series_uid      VARCHAR(256),
     sop_uid         VARCHAR(256),
     bytes_in        BIGINT,

@@ -74,6 +74,22 @@ class AccessEvent:
         """The ``log_queue`` message body."""
         return dataclasses.asdict(self)
 
+    def clip(self) -> None:
+        """Cut every text to its column (``LIMITS``, characters): a hostile request (a
+        200-character method, a megabyte of User-Agent) still makes a row that loads."""
+        for name, size in LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, str) and len(value) > size:
+                setattr(self, name, value[:size])
+
+
+#: Longest text kept per field, in characters; the columns of the index's access_log and of
+#: Doris' dicom_access_log (bytes: up to 4 per character) hold these.
+LIMITS = {"tenant_id": 64, "protocol": 16, "service": 128, "route": 256, "method": 16,
+          "study_uid": 64, "series_uid": 64, "sop_uid": 64, "client_ip": 64,
+          "principal": 256, "client_id": 256, "calling_ae": 16, "called_ae": 16,
+          "user_agent": 256, "worker_node_id": 128}
+
 
 def event_time(epoch: float) -> str:
     """``YYYY-MM-DD HH:MM:SS.mmm`` in UTC (Doris DATETIME(3))."""
@@ -102,6 +118,7 @@ class AccessLog:
             event.event_time = event_time(started if started is not None else time.time())
         event.trace_id = event.trace_id or uuid.uuid4().hex
         event.worker_node_id = self.node_id
+        event.clip()
         if len(self._buffer) >= MAX_BUFFER:
             self._buffer.popleft()
             self._dropped += 1

@@ -128,6 +128,8 @@ class AccessRecorder:
         if tenant is None:
             await self.app(scope, receive, send)
             return
+        if tenant not in self.settings.tenants:
+            tenant = "(unknown)"  # a 404: what the client sent is not a tenant to record
         started = time.time()
         clock = time.perf_counter()
         counts = {"in": 0, "out": 0, "status": 500}

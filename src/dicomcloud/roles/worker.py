@@ -109,7 +109,7 @@ async def load_access_log(runtime: Runtime, stop: asyncio.Event) -> None:
         try:
             messages = await runtime.queue.fetch(LOG_TOPIC, ACCESS_GROUP, 2000, 1.0)
             if messages:
-                await runtime.index.record_access(access_rows(m.body for m in messages))
+                await _record_access(runtime, access_rows(m.body for m in messages))
                 await runtime.queue.commit(ACCESS_GROUP, messages)
         except BackendError as exc:
             log.warning("access log table: %s; retrying", exc.message)
@@ -117,6 +117,30 @@ async def load_access_log(runtime: Runtime, stop: asyncio.Event) -> None:
                 await runtime.queue.rewind(LOG_TOPIC, ACCESS_GROUP)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
+
+
+async def _record_access(runtime: Runtime, rows: list[dict[str, Any]]) -> None:
+    """Insert a batch; if the batch fails, row by row: a row the index refuses (a poison
+    event) is skipped with a warning, while an index that refuses every row is away and
+    the batch is retried later (BackendError)."""
+    try:
+        await runtime.index.record_access(rows)
+        return
+    except BackendError:
+        if len(rows) < 2:
+            raise
+    refused = 0
+    for row in rows:
+        try:
+            await runtime.index.record_access([row])
+        except BackendError as exc:
+            refused += 1
+            last = exc
+    if refused == len(rows):
+        raise last
+    if refused:
+        log.warning("access log table: %d event(s) skipped, the index refused them: %s",
+                    refused, last.message)
 
 
 async def run(runtime: Runtime, stop: asyncio.Event) -> None:
