@@ -9,9 +9,9 @@ clients are served throughout. scp ([scp]): ``max_associations`` rejects one ass
 too many (A-ASSOCIATE-RJ, transient, local limit exceeded) and ``network_timeout`` aborts
 an idle association, on the lean acceptor and on pynetdicom alike.
 
-``send_timeout`` (1 s) is shorter than ``idle_timeout`` (3 s) here: a client that stops
-reading also sends nothing, so with equal values the idle timeout always fires first and
-the send timeout could not be seen.
+``idle_timeout`` never cuts off a response a client keeps reading, however long it lasts;
+``send_timeout`` is enforced by the kernel (TCP_USER_TIMEOUT), which drops the connection
+of a client whose receive window stays shut that long.
 """
 
 from __future__ import annotations
@@ -63,7 +63,6 @@ MAX_ASSOCIATIONS = 3
 #: how long a test waits for the server to close or abort something it should close
 CLOSE_WITHIN = 15.0
 LARGE_INSTANCES = 40  # of make_ct(size=512): about 21 MB in one study
-DROPPED = "accepted nothing for"  # the warning of webguard.AccessRecorder
 CHUNKED_END = b"\r\n0\r\n\r\n"  # the last chunk of a complete streamed response
 
 
@@ -232,8 +231,7 @@ def test_slowloris_head_and_stalled_stow_body_are_closed_others_served_nothing_s
     # all headers, Content-Length, half the body, then nothing
     stalled = stack.enter_context(_connect(archive))
     stalled.sendall(_stow_head(archive, content_type, len(body)) + body[:len(body) // 2])
-    started = time.monotonic()
-    assert _still_open(slowloris) and _still_open(stalled)
+    assert _still_open(slowloris) and _still_open(stalled)  # no early answer
 
     # another client meanwhile
     assert httpx.get(f"{archive.url}/studies", params={"limit": "1"},
@@ -241,8 +239,8 @@ def test_slowloris_head_and_stalled_stow_body_are_closed_others_served_nothing_s
     good = _stow_one(archive)
 
     slow_answer, _ = _read_until_closed(slowloris)
-    stalled_answer, _ = _read_until_closed(stalled, CLOSE_WITHIN - (time.monotonic() - started))
-    assert slow_answer == b""  # the head never completed: closed without an answer
+    stalled_answer, _ = _read_until_closed(stalled)
+    assert _status(slow_answer) in (None, 408)  # the head never completed (today: no answer)
     # closed, never stored: no success was answered (today the app answers 500, see below)
     assert _status(stalled_answer) is None or _status(stalled_answer) >= 400
     _assert_stored_only(archive, before, {good.StudyInstanceUID},
@@ -250,11 +248,6 @@ def test_slowloris_head_and_stalled_stow_body_are_closed_others_served_nothing_s
     assert _serves(archive)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "src bug: a STOW-RS body cut off by web.idle_timeout (or by the client going away) "
-    "makes request.stream() raise starlette's ClientDisconnect, which web.stow does not "
-    "handle: the 'unexpected' handler answers 500, logs 'POST /dicomweb/studies failed' "
-    "with a traceback at ERROR, and hypercorn logs a second one ('Error in ASGI Framework')"))
 def test_stow_body_stalled_past_idle_timeout_is_not_answered_500_nor_logged_as_error(
         archive: Archive, stack: contextlib.ExitStack) -> None:
     errors = _log_count(archive, "POST /dicomweb/studies failed")
@@ -271,31 +264,36 @@ def test_stow_body_stalled_past_idle_timeout_is_not_answered_500_nor_logged_as_e
 def test_client_that_stops_reading_is_dropped_after_send_timeout_while_others_are_served(
         archive: Archive, large_study: LargeStudy, stack: contextlib.ExitStack) -> None:
     path = f"/dicomweb/studies/{large_study.study_uid}"
-    dropped_before = _log_count(archive, DROPPED)
     reader = stack.enter_context(_connect(archive, receive_buffer=4096))
     reader.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{archive.http_port}\r\n"
                    'Accept: multipart/related; type="application/dicom"\r\n\r\n'.encode())
-    try:
-        # the kernel buffers take a few MB of the 21 MB; then the server's send blocks
-        wait_until(lambda: _log_count(archive, DROPPED) > dropped_before, timeout=30,
-                   message=f"the warning '{DROPPED}' (web.send_timeout)")
-        line = next(x for x in archive.log_path.read_text(errors="replace").splitlines()
-                    if DROPPED in x and path in x)
-        assert "web.send_timeout" in line
-        assert _serves(archive)  # while the reader still holds its connection
-    finally:
-        received, _ = _read_until_closed(reader, within=60)  # drain what was buffered
+    port = reader.getsockname()[1]
+    # the kernel buffers take a few MB of the 21 MB; then the server's send blocks, the
+    # window stays shut, and after send_timeout the server's kernel drops the connection
+    wait_until(lambda: _server_has_connection(archive, port), timeout=10,
+               message="the server's end of the reader's connection")
+    assert _serves(archive)  # while the reader holds its connection
+    wait_until(lambda: not _server_has_connection(archive, port), timeout=30,
+               message="the server's end of the connection closed (web.send_timeout)")
+    assert _serves(archive)
+    received, _ = _read_until_closed(reader, within=60)  # what the kernel buffers held
     assert received.startswith(b"HTTP/1.1 200")
     assert len(received) < large_study.file_bytes  # cut off, not complete
     assert not received.endswith(CHUNKED_END)  # no last chunk
-    assert _serves(archive)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "src bug: web.idle_timeout is hypercorn's read_timeout, which also runs while the server "
-    "sends a response (the client then has nothing to send): a download that lasts longer "
-    "than idle_timeout is cut off (http.disconnect cancels the StreamingResponse) although "
-    "the client reads all along; with the default 75 s any slower WADO-RS retrieve fails"))
+def _server_has_connection(archive: Archive, client_port: int) -> bool:
+    """True while some process of the archive holds a TCP connection from ``client_port``."""
+    assert archive.proc is not None
+    main = psutil.Process(archive.proc.pid)
+    for process in [main, *main.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            for connection in process.net_connections(kind="tcp"):
+                if connection.raddr and connection.raddr.port == client_port:
+                    return True
+    return False
+
+
 def test_download_lasting_longer_than_idle_timeout_is_complete_when_the_client_keeps_reading(
         archive: Archive, large_study: LargeStudy) -> None:
     rate = 4_000_000  # bytes/s: the download lasts about 5 s, over idle_timeout (3 s)
@@ -394,21 +392,14 @@ def _big_head(archive: Archive) -> bytes:
 
 def test_request_head_growing_over_max_header_bytes_answers_431_and_archive_keeps_serving(
         archive: Archive, stack: contextlib.ExitStack) -> None:
-    head = _big_head(archive)
     sock = stack.enter_context(_connect(archive))
-    sock.sendall(head[:MAX_HEADER_BYTES + 2000])  # incomplete, and already over the limit
-    time.sleep(0.5)
-    with contextlib.suppress(OSError):  # the server may have closed already
-        sock.sendall(head[MAX_HEADER_BYTES + 2000:])
+    # incomplete (no end of the head yet) and already over the limit; the rest never comes
+    sock.sendall(_big_head(archive)[:MAX_HEADER_BYTES + 2000])
     answer, _ = _read_until_closed(sock)
     assert _status(answer) == 431, answer[:300]
     assert _serves(archive)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "src bug: web.max_header_bytes is h11's max_incomplete_event_size, which h11 checks "
-    "only while the head is incomplete; a head that arrives whole in one read (hypercorn "
-    "reads 64 KiB at a time) is accepted at any size up to that, here 20 kB: 200"))
 def test_request_head_over_max_header_bytes_sent_at_once_is_refused_with_4xx(
         archive: Archive, stack: contextlib.ExitStack) -> None:
     sock = stack.enter_context(_connect(archive))
@@ -463,6 +454,22 @@ def _associate(archive: Archive, contexts: list[Any]) -> Any:
     return ae.associate("127.0.0.1", archive.dimse_port, ae_title=archive.ae_title)
 
 
+def _rejection(archive: Archive, contexts: list[Any]) -> Any:
+    """The A-ASSOCIATE-RJ an association request gets; fails if it is accepted.
+
+    pynetdicom 3.0.4 as requestor now and then (about 1 in 150 here, with a plain socket
+    server too) reports a rejection it received as an abort: such an attempt is repeated.
+    """
+    for _ in range(5):
+        assoc = _associate(archive, contexts)
+        if assoc.is_established:
+            assoc.release()
+            pytest.fail("an association over max_associations was accepted")
+        if assoc.is_rejected:
+            return assoc.acceptor.primitive
+    pytest.fail("no A-ASSOCIATE-RJ in 5 attempts")
+
+
 def _server_associations(archive: Archive) -> int:
     """Established connections on the archive's side of its DIMSE port."""
     assert archive.proc is not None
@@ -480,20 +487,19 @@ def test_association_over_max_associations_is_rejected_and_idle_ones_aborted_aft
         archive: Archive) -> None:
     wait_until(lambda: _server_associations(archive) == 0, timeout=CLOSE_WITHIN,
                message="no association open")
+    opened = time.monotonic()
     held = [_associate(archive, LEAN), _associate(archive, LEAN),
             _associate(archive, PYNETDICOM)]
     try:
         assert [a.is_established for a in held] == [True] * MAX_ASSOCIATIONS
-        opened = time.monotonic()
         for contexts in (LEAN, PYNETDICOM):
-            extra = _associate(archive, contexts)
-            assert extra.is_rejected
-            rj = extra.acceptor.primitive
+            rj = _rejection(archive, contexts)
             # transient (2), service provider presentation related (3), local limit (2)
             assert (rj.result, rj.result_source, rj.diagnostic) == (2, 3, 2)
         wait_until(lambda: not any(a.is_established for a in held), timeout=CLOSE_WITHIN,
                    message="the idle associations aborted by the archive")
-        assert time.monotonic() - opened >= NETWORK_TIMEOUT - 0.5  # idle, not refused
+        # not before network_timeout: the last one was idle that long
+        assert time.monotonic() - opened >= NETWORK_TIMEOUT - 0.1
         assert [a.is_aborted for a in held] == [True] * MAX_ASSOCIATIONS
         wait_until(lambda: _server_associations(archive) == 0, timeout=CLOSE_WITHIN,
                    message="the archive closed its side")

@@ -90,11 +90,11 @@ class WebSettings:
     max_part_bytes: int = 2 * 1024**3
     #: Bytes of request line and headers (HTTP/1.1), or of the header list (HTTP/2).
     max_header_bytes: int = 16_384
-    #: Seconds a connection may send nothing, within a request or between requests, before
-    #: it is closed (a stalled or "slowloris" client holds nothing for long).
+    #: Seconds a connection may go without a request in progress (a head still arriving
+    #: included, "slowloris"), or a STOW-RS body may stall (408), before it is closed.
     idle_timeout: float = 75.0
-    #: Seconds a client may take to accept each piece of a response; one that stops reading
-    #: is dropped instead of holding its request (and its open file) forever.
+    #: Seconds a client's receive window may stay shut (it stopped reading) before the
+    #: kernel drops its connection (TCP_USER_TIMEOUT), freeing the request and its buffers.
     send_timeout: float = 120.0
     qido_default_limit: int = 1000
     qido_max_limit: int = 10000

@@ -11,6 +11,8 @@ Annex C) it maps to, so the web and scp roles translate errors in one place each
     ├── Forbidden                        403  0xC000   valid token without the right/tenant
     ├── BadRequest                       400  0xC000   malformed query parameter or body
     │   ├── PayloadTooLarge              413  0xA700   request body over web.max_upload_bytes
+    │   ├── RequestTimeout               408  0xC000   request body stalled (web.idle_timeout)
+    │   │   └── ClientGone               408  0xC000   the client left mid-request
     │   ├── NotAcceptable                406  0xC000   no acceptable media type (WADO Accept)
     │   └── UnsupportedMediaType         415  0xC000   STOW Content-Type we cannot take
     └── InvalidInstance                  409  0xC000   a DICOM object refused at ingest
@@ -89,6 +91,17 @@ class PayloadTooLarge(BadRequest):
 
     http_status = 413
     dimse_status = 0xA700
+
+
+class RequestTimeout(BadRequest):
+    """The request body stopped arriving (RFC 9110 15.5.9: the connection is closed)."""
+
+    http_status = 408
+
+
+class ClientGone(RequestTimeout):
+    """The client closed its connection before the end of its request body (nobody reads
+    the answer; the access log records it as 408)."""
 
 
 class NotAcceptable(BadRequest):

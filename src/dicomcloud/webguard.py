@@ -6,9 +6,7 @@ included), CORS (so that a browser can read a 401), ``BearerGuard``, the routes.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 import re
 import time
 from collections.abc import Sequence
@@ -22,7 +20,6 @@ from dicomcloud.auth import READ, WRITE, Authenticator, Principal
 from dicomcloud.config import Settings
 from dicomcloud.errors import BackendError, Forbidden, Unauthorized
 
-log = logging.getLogger(__name__)
 PRINCIPAL = "dicomcloud.principal"  # scope key: the verified token's Principal
 _UNSAFE = re.compile(r'[^\x20\x21\x23-\x5b\x5d-\x7e]')  # RFC 6750 3: error_description
 
@@ -103,15 +100,11 @@ async def _json(send: Send, status: int, message: str,
     await send({"type": "http.response.body", "body": body})
 
 
-class ClientTooSlow(Exception):
-    """The client did not accept a piece of the response within ``web.send_timeout``."""
-
-
 class AccessRecorder:
     """Records one access event per DICOMweb request: who, tenant, route, UIDs, status,
-    bytes each way, duration, client address. Also drops a client that takes longer than
-    ``web.send_timeout`` to accept a piece of its response (it stopped reading: the request
-    would otherwise hold its file and memory for as long as the connection stays open)."""
+    bytes each way, duration, client address. Also refuses, with 431 (RFC 6585 5), a request
+    whose head is larger than ``web.max_header_bytes`` (the HTTP server checks only heads
+    that arrive in several reads)."""
 
     def __init__(self, app: ASGIApp, settings: Settings, access_log: AccessLog,
                  routes: Sequence[BaseRoute] = ()) -> None:
@@ -121,12 +114,20 @@ class AccessRecorder:
         self.routes = routes  # to name the route of a request refused before routing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] == "OPTIONS":
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        app = self.app
+        size = len(scope["raw_path"] or b"") + len(scope.get("query_string", b""))
+        size += sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+        if size > self.settings.web.max_header_bytes:
+            app = _too_large(size, self.settings.web.max_header_bytes)
+        if scope["method"] == "OPTIONS":
+            await app(scope, receive, send)
             return
         tenant = dicomweb_tenant(scope["path"], self.settings)
         if tenant is None:
-            await self.app(scope, receive, send)
+            await app(scope, receive, send)
             return
         if tenant not in self.settings.tenants:
             tenant = "(unknown)"  # a 404: what the client sent is not a tenant to record
@@ -139,26 +140,15 @@ class AccessRecorder:
             counts["in"] += len(message.get("body", b""))
             return message
 
-        send_timeout = self.settings.web.send_timeout
-
         async def sending(message: Message) -> None:
             if message["type"] == "http.response.start":
                 counts["status"] = message["status"]
             elif message["type"] == "http.response.body":
                 counts["out"] += len(message.get("body", b""))
-            try:
-                async with asyncio.timeout(send_timeout):
-                    await send(message)
-            except TimeoutError:
-                raise ClientTooSlow from None
+            await send(message)
 
         try:
-            await self.app(scope, receiving, sending)
-        except ClientTooSlow:  # returning closes the connection mid-response
-            client = scope.get("client")
-            log.warning("%s %s: client %s accepted nothing for %.0f s (web.send_timeout); "
-                        "dropped after %d bytes", scope["method"], scope["path"][:200],
-                        client[0] if client else "?", send_timeout, counts["out"])
+            await app(scope, receiving, sending)
         finally:
             self.access_log.record(self._event(scope, tenant, counts, clock), started)
 
@@ -182,6 +172,14 @@ class AccessRecorder:
             principal=clip(principal.subject) if principal else None,
             client_id=clip(principal.client_id) if principal else None,
             user_agent=clip(_header(scope, b"user-agent")))
+
+
+def _too_large(size: int, limit: int) -> ASGIApp:
+    """An app answering 431 Request Header Fields Too Large."""
+    async def refuse(scope: Scope, receive: Receive, send: Send) -> None:
+        await _json(send, 431, f"request line and headers of {size} bytes exceed the limit "
+                    f"of {limit} bytes (web.max_header_bytes)", [(b"connection", b"close")])
+    return refuse
 
 
 def _resolve(routes: Sequence[BaseRoute], scope: Scope) -> tuple[str, dict[str, Any]]:

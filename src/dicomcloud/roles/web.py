@@ -21,7 +21,6 @@ import asyncio
 import dataclasses
 import hashlib
 import logging
-import math
 import os
 import re
 import socket
@@ -36,7 +35,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
@@ -49,10 +48,12 @@ from dicomcloud.dicomjson import instance_json
 from dicomcloud.errors import (
     BackendError,
     BadRequest,
+    ClientGone,
     DicomCloudError,
     NotAcceptable,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
 )
 from dicomcloud.header import PIXEL_TAGS
 from dicomcloud.ingest import Origin
@@ -136,10 +137,24 @@ class DicomWeb:
         receiver = StowReceiver(self.runtime.ingestor, Origin(self.tenant(request), None, client),
                                 boundary, study_uid, limit, max_parts=self.settings.web.max_parts,
                                 max_part_bytes=self.settings.web.max_part_bytes)
+        idle = self.settings.web.idle_timeout
+        chunks = request.stream().__aiter__()
         try:
             pending: list[bytes] = []
             size = 0
-            async for chunk in request.stream():
+            while True:
+                try:
+                    async with asyncio.timeout(idle):
+                        chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise RequestTimeout(
+                        f"no part of the request body arrived for {idle:g} s "
+                        "(web.idle_timeout); nothing was stored, send it again") from None
+                except ClientDisconnect:
+                    raise ClientGone("the client went away before the end of the request "
+                                     "body; nothing was stored") from None
                 pending.append(chunk)
                 size += len(chunk)
                 if size >= _FEED_BYTES:
@@ -693,6 +708,11 @@ def create_app(runtime: Runtime, access_log: AccessLog | None = None) -> Starlet
         assert isinstance(exc, DicomCloudError)
         if exc.http_status >= 500:
             log.error("%s %s: %s", request.method, request.url.path, exc.message)
+        if isinstance(exc, RequestTimeout):  # the rest of the body is not read: close
+            log.info("%s %s: %s", request.method, request.url.path, exc.message)
+            response = _error(exc.http_status, exc.message)
+            response.headers["Connection"] = "close"
+            return response
         return _error(exc.http_status, exc.message)
 
     async def unexpected(request: Request, exc: Exception) -> Response:
@@ -725,9 +745,12 @@ def hypercorn_config(runtime: Runtime) -> HypercornConfig:
     config.graceful_timeout = s.graceful_timeout
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
+    # A connection without a request in progress, a head still arriving included (slowloris),
+    # is closed after idle_timeout. (Not hypercorn's read_timeout: it also runs while a long
+    # response is sent, when the client has nothing to send, and would cut downloads off.)
+    # A STOW-RS body that stalls is timed by DicomWeb.stow; a client that stops reading by
+    # TCP_USER_TIMEOUT (_listen).
     config.keep_alive_timeout = s.idle_timeout
-    # silent connections, also mid-request (slowloris); hypercorn takes whole seconds
-    config.read_timeout = max(1, math.ceil(s.idle_timeout))
     config.h11_max_incomplete_size = s.max_header_bytes
     config.h2_max_header_list_size = s.max_header_bytes
     config.include_server_header = False
@@ -736,13 +759,21 @@ def hypercorn_config(runtime: Runtime) -> HypercornConfig:
     return config
 
 
-def _listen(host: str, port: int, reuse_port: bool) -> socket.socket:
-    """The listening socket, bound here so that readiness is known (hypercorn takes the fd)."""
+def _listen(host: str, port: int, reuse_port: bool, send_timeout: float) -> socket.socket:
+    """The listening socket, bound here so that readiness is known (hypercorn takes the fd).
+
+    TCP_USER_TIMEOUT (RFC 5482; inherited by accepted connections on Linux) makes the kernel
+    drop a connection whose sent data stays unacknowledged, or whose receive window stays
+    shut, for ``send_timeout``: a client that stops reading its response frees its request,
+    its socket and the kernel's send buffer then, while a slow client that keeps reading is
+    never cut off."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if hasattr(socket, "TCP_USER_TIMEOUT") and send_timeout > 0:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(send_timeout * 1000))
     try:
         sock.bind((host.strip("[]"), port))
     except OSError as exc:
@@ -757,7 +788,7 @@ async def run(runtime: Runtime, stop: asyncio.Event) -> None:
     """Serve HTTP until ``stop``; in-flight requests finish (``graceful_timeout``)."""
     s = runtime.settings.web
     config = hypercorn_config(runtime)
-    sock = _listen(s.host, s.port, s.reuse_port)
+    sock = _listen(s.host, s.port, s.reuse_port, s.send_timeout)
     config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns the descriptor from here
     log.info("DICOMweb on %s://%s:%d%s", "https" if config.ssl_enabled else "http",
              s.host, s.port, s.root)
