@@ -71,8 +71,8 @@ class AccessEvent:
     log_type: str = "access"
 
     def body(self) -> dict[str, Any]:
-        """The ``log_queue`` message body."""
-        return dataclasses.asdict(self)
+        """The ``log_queue`` message body (flat: a copy of the fields, no deep copy)."""
+        return dict(vars(self))
 
     def clip(self) -> None:
         """Cut every text to its column (``LIMITS``, characters): a hostile request (a
