@@ -19,8 +19,8 @@ import contextlib
 import dataclasses
 import datetime as dt
 import logging
+import os
 import time
-import uuid
 from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -91,10 +91,16 @@ LIMITS = {"tenant_id": 64, "protocol": 16, "service": 128, "route": 256, "method
           "user_agent": 256, "worker_node_id": 128}
 
 
+_second: tuple[int, str] = (-1, "")  # the last second formatted, and its text
+
+
 def event_time(epoch: float) -> str:
     """``YYYY-MM-DD HH:MM:SS.mmm`` in UTC (Doris DATETIME(3))."""
-    moment = dt.datetime.fromtimestamp(epoch, dt.UTC)
-    return moment.strftime("%Y-%m-%d %H:%M:%S.") + f"{moment.microsecond // 1000:03d}"
+    global _second
+    whole = int(epoch)
+    if whole != _second[0]:
+        _second = (whole, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(whole)))
+    return f"{_second[1]}.{int((epoch - whole) * 1000):03d}"
 
 
 def clip(value: str | None, size: int = _TEXT) -> str | None:
@@ -116,7 +122,7 @@ class AccessLog:
         """Queue an event for publishing (never blocks, never raises)."""
         if not event.event_time:
             event.event_time = event_time(started if started is not None else time.time())
-        event.trace_id = event.trace_id or uuid.uuid4().hex
+        event.trace_id = event.trace_id or os.urandom(16).hex()  # as uuid4().hex, faster
         event.worker_node_id = self.node_id
         event.clip()
         if len(self._buffer) >= MAX_BUFFER:
@@ -159,8 +165,7 @@ def access_rows(bodies: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
             continue
         row = {name: body.get(name) for name in names}
         try:
-            row["event_time"] = dt.datetime.strptime(str(row["event_time"]),
-                                                     "%Y-%m-%d %H:%M:%S.%f")
+            row["event_time"] = dt.datetime.fromisoformat(str(row["event_time"]))
         except ValueError:
             continue  # not ours: skip rather than stop the loader
         rows.append(row)

@@ -90,6 +90,9 @@ class WebSettings:
     max_part_bytes: int = 2 * 1024**3
     #: Bytes of request line and headers (HTTP/1.1), or of the header list (HTTP/2).
     max_header_bytes: int = 16_384
+    #: One access event per DICOMweb request on log_queue (``dicomcloud.accesslog``). Turn
+    #: off only where another layer keeps a complete access log.
+    access_log: bool = True
     #: Seconds a connection may go without a request in progress (a head still arriving
     #: included, "slowloris"), or a STOW-RS body may stall (408), before it is closed.
     idle_timeout: float = 75.0

@@ -177,7 +177,7 @@ class Index(AbstractAsyncContextManager["Index"], Protocol):
         """Mark metadata of ``task`` done or failed; False if it was flagged again since.
         A failed series is due again ``retry_in`` seconds (plus the quiet period) later."""
 
-    async def record_access(self, rows: Sequence[dict[str, Any]]) -> int:
+    async def record_access(self, rows: Sequence[dict[str, Any]]) -> None:
         """Insert access-log rows; a ``trace_id`` already present is skipped."""
 
     async def recent_access(self, tenant_id: str | None = None,

@@ -106,7 +106,7 @@ class AccessRecorder:
     whose head is larger than ``web.max_header_bytes`` (the HTTP server checks only heads
     that arrive in several reads)."""
 
-    def __init__(self, app: ASGIApp, settings: Settings, access_log: AccessLog,
+    def __init__(self, app: ASGIApp, settings: Settings, access_log: AccessLog | None,
                  routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
         self.settings = settings
@@ -122,7 +122,7 @@ class AccessRecorder:
         size += sum(len(name) + len(value) + 4 for name, value in scope["headers"])
         if size > self.settings.web.max_header_bytes:
             app = _too_large(size, self.settings.web.max_header_bytes)
-        if scope["method"] == "OPTIONS":
+        if scope["method"] == "OPTIONS" or self.access_log is None:
             await app(scope, receive, send)
             return
         tenant = dicomweb_tenant(scope["path"], self.settings)

@@ -512,3 +512,30 @@ async def test_patient_name_exact_match_covers_the_first_component_group_only(
     rows = await index.search(query("study", ("PatientName", "DOE^JOHN*")))
     assert set(column(rows, "study_uid")) == {studies[k] for k in ("plain", "groups",
                                                                    "longer", "suffix")}
+
+
+async def test_access_log_rows_round_trip_once_and_are_pruned_by_age(index: SqlIndex) -> None:
+    from dicomcloud.accesslog import AccessEvent, access_rows
+
+    def event(tenant: str, when: str, trace: str) -> dict[str, Any]:
+        body = AccessEvent(tenant_id=tenant, protocol="DICOMweb", service="WADO-RS",
+                           route="/studies/{study}", status=200, client_ip="127.0.0.1",
+                           study_uid=new_uid(), principal="Dr. Müller", event_time=when,
+                           trace_id=trace).body()
+        return body
+
+    bodies = [event("t1", "2026-01-01 10:00:00.250", "a" * 32),
+              event("t2", "2026-01-02 10:00:00.000", "b" * 32),
+              event("t1", "2026-01-03 10:00:00.999", "c" * 32),
+              {"log_type": "object", "sop_uid": new_uid()}]  # object rows are not access rows
+    rows = access_rows(bodies)
+    await index.record_access(rows)
+    await index.record_access(rows)  # redelivered: skipped by trace_id
+    newest = await index.recent_access()
+    assert len(newest) == 3
+    assert [r["trace_id"] for r in newest][:3] == ["c" * 32, "b" * 32, "a" * 32]
+    assert newest[2]["event_time"] == dt.datetime(2026, 1, 1, 10, 0, 0, 250000)
+    assert newest[2]["principal"] == "Dr. Müller"
+    assert [r["trace_id"] for r in await index.recent_access("t1", limit=1)] == ["c" * 32]
+    assert await index.prune_access(dt.datetime(2026, 1, 2, 12)) == 2
+    assert [r["trace_id"] for r in await index.recent_access()] == ["c" * 32]

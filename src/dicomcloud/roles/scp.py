@@ -215,8 +215,9 @@ class StoreService:
                 report.note(service, status, study_uid)
         return wrapper
 
-    @staticmethod
-    def on_open(event: evt.Event) -> None:
+    def on_open(self, event: evt.Event) -> None:
+        # The report exists before the DUL thread and the association thread use it.
+        self.report_of(event.assoc)
         # Without TCP_NODELAY each small C-STORE-RSP waits for the peer's delayed ACK.
         sock = getattr(event.assoc.dul.socket, "socket", None)
         if sock is not None:

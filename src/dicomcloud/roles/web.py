@@ -655,8 +655,8 @@ def _ranged(data: bytes, header: str | None) -> Response:
 
 
 def create_app(runtime: Runtime, access_log: AccessLog | None = None) -> Starlette:
-    """The starlette application of the web role; ``access_log`` records every DICOMweb
-    request (``dicomcloud.accesslog``)."""
+    """The starlette application of the web role; ``access_log`` (None: ``web.access_log``
+    is off) records every DICOMweb request (``dicomcloud.accesslog``)."""
     web = DicomWeb(runtime)
 
     def level(name: Level) -> Any:
@@ -721,9 +721,8 @@ def create_app(runtime: Runtime, access_log: AccessLog | None = None) -> Starlet
 
     settings = runtime.settings
     middleware = []
-    if access_log is not None:
-        middleware.append(Middleware(AccessRecorder, settings=settings, access_log=access_log,
-                                     routes=routes))
+    middleware.append(Middleware(AccessRecorder, settings=settings, access_log=access_log,
+                                 routes=routes))
     origins = list(runtime.settings.web.cors_origins)
     if origins:  # browsers (OHIF) on another origin; preflight answered by the middleware
         middleware.append(Middleware(
@@ -799,8 +798,8 @@ async def run(runtime: Runtime, stop: asyncio.Event) -> None:
         log.info("DICOMweb requires bearer tokens of %s", runtime.settings.auth.issuer)
     runtime.mark_listening()
     try:
-        await hypercorn_serve(create_app(runtime, access_log), config,  # type: ignore[arg-type]
-                              shutdown_trigger=stop.wait)
+        app = create_app(runtime, access_log if s.access_log else None)
+        await hypercorn_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
     finally:
         flushing.set()
         await flusher
