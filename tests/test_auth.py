@@ -122,6 +122,15 @@ def test_health_probes_need_no_token(archive: Archive) -> None:
     assert httpx.get(f"{archive.base}/readyz").status_code == 200
 
 
+@pytest.mark.parametrize("path", ["/dicomweb", "/dicomweb/", "/dicomweb//studies",
+                                  "//dicomweb/studies", "/tenants//dicomweb/studies",
+                                  "/tenants/hospb%2Fx/dicomweb/studies", "/DICOMWEB/studies",
+                                  "/dicomweb/../dicomweb/studies", "/anything/else"])
+def test_every_path_but_the_probes_needs_a_token(archive: Archive, path: str) -> None:
+    response = httpx.get(archive.base + path)
+    assert response.status_code == 401, (path, response.status_code)
+
+
 # -- refused tokens: 401 ----------------------------------------------------------------
 def test_no_token_is_401_with_a_bare_bearer_challenge(archive: Archive) -> None:
     response = studies(archive, {})
@@ -252,6 +261,25 @@ def test_tenant_claim_limits_the_tenants_a_token_reaches(archive: Archive,
     assert studies(archive, reader, archive.url).status_code == 200
     for root in (archive.url, hosp_root):  # tenant "*" with the admin scope
         assert studies(archive, admin, root).status_code == 200
+
+
+def test_a_token_of_one_tenant_cannot_store_into_another(archive: Archive,
+                                                        idp: OidcProvider) -> None:
+    ds = make_ct(generate_uid(), generate_uid(), generate_uid())
+    body, content_type = multipart([part10_bytes(ds)])
+    hosp = {**bearer(token(idp, "hosp")), "Content-Type": content_type}
+    for root in (archive.url, f"{archive.base}/tenants/default/dicomweb"):
+        assert httpx.post(f"{root}/studies", content=body, headers=hosp).status_code == 403
+    stored = httpx.post(f"{archive.base}/tenants/{HOSP}/dicomweb/studies", content=body,
+                        headers=hosp)
+    assert stored.status_code == 200
+    admin = bearer(token(idp, "admin"))
+    study = {"StudyInstanceUID": str(ds.StudyInstanceUID)}
+    wait_until(lambda: httpx.get(f"{archive.base}/tenants/{HOSP}/dicomweb/studies",
+                                 params=study, headers=admin).content not in (b"", b"[]"),
+               message="stored in the token's own tenant")
+    assert httpx.get(f"{archive.url}/studies", params=study,
+                     headers=admin).content in (b"", b"[]")
 
 
 def test_a_token_without_a_tenant_claim_is_403(archive: Archive, idp: OidcProvider) -> None:

@@ -46,9 +46,12 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 class BearerGuard:
-    """Requires a valid bearer token with the right scope and tenant on DICOMweb paths
-    (RFC 6750): read for GET/HEAD (QIDO-RS, WADO-RS), write for POST (STOW-RS). CORS
-    preflights (OPTIONS) and the health probes pass untouched."""
+    """Requires a valid bearer token (RFC 6750) on every path but the health probes and
+    CORS preflights (OPTIONS); on DICOMweb paths also the right scope and tenant: read for
+    GET/HEAD (QIDO-RS, WADO-RS), write for POST (STOW-RS). Paths that are not DICOMweb
+    need a valid token too, so that no route added later is open by mistake."""
+
+    OPEN = frozenset({"/healthz", "/readyz"})
 
     def __init__(self, app: ASGIApp, settings: Settings, authenticator: Authenticator) -> None:
         self.app = app
@@ -56,18 +59,17 @@ class BearerGuard:
         self.authenticator = authenticator
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] == "OPTIONS":
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or \
+                scope["path"] in self.OPEN:
             await self.app(scope, receive, send)
             return
         tenant = dicomweb_tenant(scope["path"], self.settings)
-        if tenant is None:
-            await self.app(scope, receive, send)
-            return
         right = READ if scope["method"] in ("GET", "HEAD") else WRITE
         try:
             principal = await self.authenticator.authenticate(
                 _header(scope, b"authorization"))
-            principal.may(right, tenant, self.settings.auth)
+            if tenant is not None:
+                principal.may(right, tenant, self.settings.auth)
         except Unauthorized as exc:
             await self._refuse(send, 401, exc.message, exc.error)
             return
