@@ -62,6 +62,9 @@ def archive(tmp_path_factory: pytest.TempPathFactory, idp: OidcProvider) -> Iter
         "DICOMCLOUD_AUTH__JWKS_REFRESH_SECONDS": "0",  # rotation is tested right away
         f"DICOMCLOUD_SCP__AE_TENANTS__{HOSP_AE}": HOSP,
         "DICOMCLOUD_WEB__CORS_ORIGINS": ORIGIN,
+        # one web process: which process a request reaches decides whether it has seen the
+        # rotation yet (each refreshes on its own, see the rotation test)
+        "DICOMCLOUD_WEB__PROCESSES": "0",
     }).start()
     yield instance
     if instance.alive():
@@ -184,15 +187,21 @@ def test_bad_tokens_are_401_invalid_token(archive: Archive, idp: OidcProvider,
         value = sign(claims(idp), {**rsa_jwk("other"), "kid": key["kid"]})
     elif kind == "garbage":
         value = "not.a.token"
-    else:
+    else:  # another scheme: a bare challenge (RFC 6750 3.1)
         response = studies(archive, {"Authorization": "Basic cmVhZGVyOnItc2VjcmV0"})
         assert response.status_code == 401
-        assert 'error="invalid_request"' in challenge(response)
+        assert challenge(response) == 'Bearer realm="dicomcloud"'
         return
     response = studies(archive, bearer(value))
     assert response.status_code == 401, response.text
     assert challenge(response).startswith('Bearer realm="dicomcloud", error="invalid_token"')
     assert response.json()["status"] == 401
+
+
+def test_bearer_without_a_token_is_400_invalid_request(archive: Archive) -> None:
+    response = studies(archive, {"Authorization": "Bearer"})
+    assert response.status_code == 400
+    assert 'error="invalid_request"' in challenge(response)
 
 
 def _public_pem(jwk: dict[str, Any]) -> bytes:
@@ -316,8 +325,7 @@ def test_key_rotation_at_the_provider_is_picked_up_without_a_restart(
     try:
         new = token(idp, "reader")
         assert json.loads(base64.urlsafe_b64decode(new.split(".")[0] + "=="))["kid"] == "ec-2"
-        for _ in range(4):  # every web process of the archive
-            assert studies(archive, bearer(new)).status_code == 200
+        assert studies(archive, bearer(new)).status_code == 200
         # the withdrawn key no longer vouches for tokens it signed
         assert studies(archive, bearer(old)).status_code == 401
     finally:
@@ -414,3 +422,26 @@ async def test_the_key_set_is_shared_through_redis(idp: OidcProvider, redis_url:
         assert (await first.authenticate(value)).client_id == "reader"
         assert (await second.authenticate(value)).client_id == "reader"
         assert fetched == ["first"]
+
+
+async def test_a_broken_key_set_is_never_cached_and_known_keys_are_kept(
+        idp: OidcProvider, keys: dict[str, dict[str, Any]]) -> None:
+    from dicomcloud.backends.memcache import MemoryCache
+
+    settings = AuthSettings(enabled=True, issuer=idp.issuer, audience=(AUDIENCE,),
+                            jwks_refresh_seconds=0, jwks_cache_seconds=0)
+    async with MemoryCache("memory://") as cache:
+        auth = Authenticator(settings, cache)
+        good = auth._fetch_jwks
+        auth._fetch_jwks = lambda: b"<html>maintenance</html>"  # type: ignore[method-assign]
+        with pytest.raises(BackendError, match="not a JWK Set"):
+            await auth.authenticate("Bearer " + token(idp, "reader"))
+        assert await cache.get(auth._cache_key) is None  # nothing broken was shared
+        with pytest.raises(BackendError, match="a moment ago"):  # no hammering the issuer
+            await auth.authenticate("Bearer " + token(idp, "reader"))
+        auth._retry_at = 0.0
+        auth._fetch_jwks = good  # type: ignore[method-assign]
+        assert (await auth.authenticate("Bearer " + token(idp, "reader"))).client_id == "reader"
+        auth._fetch_jwks = lambda: b"{}"  # type: ignore[method-assign]
+        # stale keys and a broken issuer: the keys already known still verify
+        assert (await auth.authenticate("Bearer " + token(idp, "writer"))).client_id == "writer"

@@ -109,8 +109,11 @@ class RoutineLoad:
     table: str
     columns: tuple[str, ...]
     kafka: dict[str, str]
-    #: PRECEDING FILTER column = 'value' (the only form this module reads), or None
+    #: PRECEDING FILTER column = 'value' or ifnull(column, 'missing') = 'value' (the only
+    #: forms this module reads), or None
     preceding_filter: tuple[str, str] | None = None
+    #: the ifnull default: the kind of a message without the column (from older versions)
+    missing: str | None = None
 
     @property
     def topic(self) -> str:
@@ -127,7 +130,8 @@ class RoutineLoad:
         if self.preceding_filter is None:
             return True
         column, value = self.preceding_filter
-        return message.get(column) == value
+        found = message.get(column)
+        return (self.missing if found is None else found) == value
 
 
 def strip_comments(sql: str) -> str:
@@ -232,9 +236,11 @@ _ROUTINE_LOAD = re.compile(r"CREATE\s+ROUTINE\s+LOAD\s+([`\w.]+)\s+ON\s+([`\w.]+
 _COLUMNS = re.compile(r"(?<!TERMINATED BY )\bCOLUMNS\s*\(", re.I)
 _KAFKA = re.compile(r"\bFROM\s+KAFKA\s*\(", re.I)
 _PROPERTY = re.compile(r'^"([^"]+)"\s*=\s*"([^"]*)"$')
-_PRECEDING_FILTER = re.compile(r"\bPRECEDING\s+FILTER\s+(.*?)\s*(?:,|\bPROPERTIES\b|\bFROM\b)",
-                               re.I)
+_PRECEDING_FILTER = re.compile(  # up to a comma outside parentheses, or the next part
+    r"\bPRECEDING\s+FILTER\s+((?:[^,()]|\([^()]*\))*?)\s*(?:,|\bPROPERTIES\b|\bFROM\b)", re.I)
 _EQUALS_TEXT = re.compile(r"(`\w+`|\w+)\s*=\s*'([^'\\]*)'")
+_IFNULL_EQUALS = re.compile(
+    r"ifnull\(\s*(`\w+`|\w+)\s*,\s*'([^'\\]*)'\s*\)\s*=\s*'([^'\\]*)'", re.I)
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"|`[^`]*`")
 _FILTERS = re.compile(r"\b(?:WHERE|DELETE\s+ON|PRECEDING\s+FILTER)\b", re.I)
 
@@ -278,13 +284,18 @@ def parse_routine_load(statement: str) -> RoutineLoad:
     assert clauses in ([], ["PRECEDING FILTER"]), \
         f"routine load {match.group(1)}: filters {clauses} (this test reads one PRECEDING FILTER)"
     preceding_filter: tuple[str, str] | None = None
+    missing: str | None = None
     if clauses:
         filter_match = _PRECEDING_FILTER.search(statement)
         assert filter_match, f"routine load {match.group(1)}: cannot read its PRECEDING FILTER"
-        equals = _EQUALS_TEXT.fullmatch(filter_match.group(1))
-        assert equals, f"routine load {match.group(1)}: PRECEDING FILTER " \
-                       f"{filter_match.group(1)!r} is not column = 'text'"
-        preceding_filter = (identifier(equals.group(1)), equals.group(2))
+        if ifnull := _IFNULL_EQUALS.fullmatch(filter_match.group(1)):
+            preceding_filter = (identifier(ifnull.group(1)), ifnull.group(3))
+            missing = ifnull.group(2)
+        else:
+            equals = _EQUALS_TEXT.fullmatch(filter_match.group(1))
+            assert equals, f"routine load {match.group(1)}: PRECEDING FILTER " \
+                           f"{filter_match.group(1)!r} is not column = 'text'"
+            preceding_filter = (identifier(equals.group(1)), equals.group(2))
     kafka_match = _KAFKA.search(statement)
     assert kafka_match, f"routine load {match.group(1)} has no FROM KAFKA (...)"
     kafka: dict[str, str] = {}
@@ -293,7 +304,7 @@ def parse_routine_load(statement: str) -> RoutineLoad:
         assert prop, f"routine load {match.group(1)}: cannot read property {item!r}"
         kafka[prop.group(1)] = prop.group(2)
     return RoutineLoad(identifier(match.group(1)), identifier(match.group(2)), columns, kafka,
-                       preceding_filter)
+                       preceding_filter, missing)
 
 
 @cache
@@ -367,6 +378,12 @@ def test_parser_reads_backquotes_comments_types_keys_and_kafka_properties() -> N
     assert (load.columns, load.preceding_filter, load.kind) == (("a", "kind"), ("kind", "x"), "x")
     assert load.takes({"kind": "x"})
     assert not load.takes({"kind": "y"}) and not load.takes({"kind": None}) and not load.takes({})
+    (statement,) = statements("""CREATE ROUTINE LOAD j ON t COLUMNS(a, kind),
+        PRECEDING FILTER ifnull(kind, 'x') = 'x' FROM KAFKA ("kafka_topic" = "topic_x");""")
+    load = parse_routine_load(statement)
+    assert (load.preceding_filter, load.missing) == (("kind", "x"), "x")
+    assert load.takes({"kind": "x"}) and load.takes({}) and load.takes({"kind": None})
+    assert not load.takes({"kind": "y"})
 
 
 def test_parser_rejects_filters_it_would_not_check() -> None:

@@ -11,6 +11,10 @@
 -- message before it is mapped to the table, so the other kind's messages count as
 -- unselected rows, not errors (a WHERE filter runs after the mapping, where a message of
 -- the other kind already failed the table's NOT NULL key columns and counted as an error).
+-- Object rows published by versions before log_type existed have none: ifnull takes them
+-- as object rows. Upgrading from such a version: recreate dicomcloud_object_meta with this
+-- file before the new archive starts, else the old job meets access events and counts
+-- each as an error until it pauses.
 -- max_error_number lets a malformed message be skipped (and shown by
 -- SHOW ROUTINE LOAD) instead of pausing the job.
 
@@ -19,7 +23,7 @@ COLUMNS(trace_id, worker_node_id, tenant_id, patient_id, study_uid, series_uid, 
         file_size, file_path, transfer_syntax_uid, number_of_frames, created_time,
         series_uid_hash, study_uid_hash, accession_number, target_ts, study_date,
         transfer_status, source_ip, source_ae, log_type),
-PRECEDING FILTER log_type = 'object'
+PRECEDING FILTER ifnull(log_type, 'object') = 'object'
 PROPERTIES (
     "format" = "json",
     "strict_mode" = "false",

@@ -75,13 +75,20 @@ class AccessEvent:
         return dict(vars(self))
 
     def clip(self) -> None:
-        """Cut every text to its column (``LIMITS``, characters): a hostile request (a
-        200-character method, a megabyte of User-Agent) still makes a row that loads."""
+        """Cut every text to its column (``LIMITS``, characters) and replace control
+        characters (PostgreSQL refuses NUL in text): a hostile request (a 200-character
+        method, ``%00`` in a UID, a megabyte of User-Agent) still makes a row that loads."""
         for name, size in LIMITS.items():
             value = getattr(self, name)
-            if isinstance(value, str) and len(value) > size:
-                setattr(self, name, value[:size])
+            if isinstance(value, str):
+                if len(value) > size:
+                    value = value[:size]
+                if not value.isprintable():
+                    value = value.translate(_CONTROLS)
+                setattr(self, name, value)
 
+
+_CONTROLS = {code: "?" for code in (*range(0x20), 0x7F)}
 
 #: Longest text kept per field, in characters; the columns of the index's access_log and of
 #: Doris' dicom_access_log (bytes: up to 4 per character) hold these.
@@ -142,9 +149,10 @@ class AccessLog:
                 (TOPIC, e.study_uid or e.tenant_id, e.body()) for e in batch]
             try:
                 await self.queue.publish(messages)
-            except (DicomCloudError, OSError) as exc:
+            except Exception as exc:  # never let the flusher die: keep the batch, try later
                 self._buffer.extendleft(reversed(batch))
-                log.warning("access log: cannot publish %d event(s) yet: %s", len(batch), exc)
+                log.warning("access log: cannot publish %d event(s) yet: %s", len(batch),
+                            exc.message if isinstance(exc, DicomCloudError) else repr(exc))
                 return
 
     async def run(self, stop: asyncio.Event) -> None:

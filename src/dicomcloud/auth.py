@@ -27,8 +27,10 @@ or a list; ``*`` is every tenant).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
+import http.client
 import ipaddress
 import logging
 import ssl
@@ -59,6 +61,7 @@ _MAX_DOCUMENT = 1 << 20  # discovery document / key set: bytes read at most
 _MAX_TOKEN = 16 * 1024  # a bearer token longer than this is refused unread
 _TOKEN_CACHE = 4096  # verified tokens remembered (by their text) ...
 _TOKEN_CACHE_SECONDS = 60.0  # ... for at most this long
+_RETRY_SECONDS = 5.0  # after a failed fetch of the key set, the next waits this long
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +148,8 @@ class Authenticator:
         self._unnamed: list[dict[str, Any]] = []  # keys without a kid
         self._keys_until = 0.0  # monotonic time the key set goes stale
         self._last_fetch = -1e9  # monotonic time of the last fetch from the issuer
+        self._retry_at = 0.0  # after a failed fetch, none before this monotonic time
+        self._generation = 0  # bumped when the key set changes
         self._lock = asyncio.Lock()
         self._verified: dict[str, tuple[Principal, float]] = {}
         self._ssl = ssl.create_default_context(cafile=settings.ca_certs or None)
@@ -169,6 +174,7 @@ class Authenticator:
             raise Unauthorized(f"token algorithm {str(alg)[:20]!r} is not accepted "
                                f"(auth.algorithms: {', '.join(self.settings.algorithms)})")
         kid = header.get("kid")
+        generation = self._generation
         key = await self._key(kid if isinstance(kid, str) else None, alg)
         s = self.settings
         try:
@@ -181,10 +187,11 @@ class Authenticator:
         if not isinstance(claims, dict):
             raise Unauthorized("token rejected: its claims are not a JSON object")
         principal = self._principal(claims)
-        if len(self._verified) >= _TOKEN_CACHE:
-            self._verified.clear()
-        self._verified[token] = (principal, min(principal.expires + s.leeway_seconds,
-                                                now + _TOKEN_CACHE_SECONDS))
+        if generation == self._generation:  # not verified with a key withdrawn meanwhile
+            if len(self._verified) >= _TOKEN_CACHE:
+                self._verified.clear()
+            self._verified[token] = (principal, min(principal.expires + s.leeway_seconds,
+                                                    now + _TOKEN_CACHE_SECONDS))
         return principal
 
     @staticmethod
@@ -195,8 +202,11 @@ class Authenticator:
                                error="")
         scheme, _, token = authorization.strip().partition(" ")
         token = token.strip()
-        if scheme.lower() != "bearer" or not token:
+        if scheme.lower() != "bearer":  # RFC 6750 3.1: no error code for another scheme
             raise Unauthorized("use the Bearer scheme: Authorization: Bearer <access token>",
+                               error="")
+        if not token:  # RFC 6750 3.1: a malformed request is invalid_request, 400
+            raise Unauthorized("Authorization: Bearer without a token",
                                error="invalid_request")
         if len(token) > _MAX_TOKEN or token.count(".") != 2:
             raise Unauthorized("malformed token: not a JWS compact serialization")
@@ -248,42 +258,52 @@ class Authenticator:
         return usable[0] if len(usable) == 1 or (kid is not None and usable) else None
 
     async def _load(self, refresh: bool) -> None:
-        """Fill the key set: from the shared cache unless ``refresh``, else from the issuer."""
+        """Fill the key set: from the shared cache unless ``refresh``, else from the issuer.
+
+        A fetch that fails keeps the keys already known (for ``_RETRY_SECONDS``, then the
+        next request tries again); with none known it is a BackendError (503). Only a key
+        set that parses is kept or shared."""
         async with self._lock:
-            if not refresh and time.monotonic() < self._keys_until:
+            now = time.monotonic()
+            if not refresh and now < self._keys_until:
                 return  # another request loaded it meanwhile
-            if refresh and time.monotonic() - self._last_fetch < self.settings.jwks_refresh_seconds:
+            if refresh and now - self._last_fetch < self.settings.jwks_refresh_seconds:
                 return
-            data = None
             if not refresh and self._cache is not None:
                 data = await self._cache.get(self._cache_key)
-            if data is None:
-                self._last_fetch = time.monotonic()
+                if data is not None:
+                    with contextlib.suppress(BackendError):  # not a key set: fetch it
+                        self._use(*_parse_jwks(data))
+                        self._keys_until = now + self.settings.jwks_cache_seconds
+                        return
+            if now < self._retry_at:  # the issuer failed moments ago
+                if self._keys or self._unnamed:
+                    self._keys_until = self._retry_at
+                    return
+                raise BackendError("the token issuer could not be reached a moment ago; "
+                                   "try again in a few seconds")
+            self._last_fetch = now
+            try:
                 data = await asyncio.to_thread(self._fetch_jwks)
-                if self._cache is not None:
-                    await self._cache.set(self._cache_key, data,
-                                          ttl=self.settings.jwks_cache_seconds)
-            self._use(data)
+                parsed = _parse_jwks(data)
+            except BackendError as exc:
+                self._retry_at = time.monotonic() + _RETRY_SECONDS
+                if not (self._keys or self._unnamed):
+                    raise
+                log.warning("OAuth: %s; keeping the signing keys already known", exc.message)
+                self._keys_until = self._retry_at
+                return
+            self._use(*parsed)
+            if self._cache is not None:
+                await self._cache.set(self._cache_key, data,
+                                      ttl=self.settings.jwks_cache_seconds)
             self._keys_until = time.monotonic() + self.settings.jwks_cache_seconds
 
-    def _use(self, data: bytes) -> None:
-        try:
-            keys = orjson.loads(data).get("keys")
-        except (orjson.JSONDecodeError, AttributeError):
-            keys = None
-        if not isinstance(keys, list):
-            raise BackendError("the issuer's key set (jwks_uri) is not a JWK Set")
-        named: dict[str, dict[str, Any]] = {}
-        unnamed: list[dict[str, Any]] = []
-        for key in keys:
-            if not isinstance(key, dict) or key.get("use", "sig") != "sig":
-                continue
-            public = {k: v for k, v in key.items() if k not in _PRIVATE_MEMBERS}
-            if isinstance(key.get("kid"), str):
-                named[key["kid"]] = public
-            else:
-                unnamed.append(public)
+    def _use(self, named: dict[str, dict[str, Any]], unnamed: list[dict[str, Any]]) -> None:
+        if named == self._keys and unnamed == self._unnamed:
+            return
         self._keys, self._unnamed = named, unnamed
+        self._generation += 1
         self._verified.clear()  # a key the issuer withdrew no longer vouches for a token
         log.info("OAuth: %d signing key(s) of %s", len(named) + len(unnamed),
                  self.settings.issuer)
@@ -291,8 +311,12 @@ class Authenticator:
     def _fetch_jwks(self) -> bytes:
         """Discovery, then the key set (runs in a thread)."""
         issuer = self.settings.issuer.rstrip("/")
-        discovery = orjson.loads(self._get(issuer + "/.well-known/openid-configuration"))
-        if not isinstance(discovery, dict) or discovery.get("issuer", "").rstrip("/") != issuer:
+        try:
+            discovery = orjson.loads(self._get(issuer + "/.well-known/openid-configuration"))
+        except orjson.JSONDecodeError:
+            raise BackendError(f"the discovery document of {issuer} is not JSON") from None
+        named = discovery.get("issuer") if isinstance(discovery, dict) else None
+        if not isinstance(named, str) or named.rstrip("/") != issuer:
             # OpenID Connect Discovery 1.0, 4.3: the document must name the same issuer
             raise BackendError(f"the discovery document of {issuer} names another issuer")
         jwks_uri = discovery.get("jwks_uri")
@@ -311,13 +335,36 @@ class Authenticator:
                                         context=self._ssl if url.startswith("https:") else None
                                         ) as response:
                 data: bytes = response.read(_MAX_DOCUMENT + 1)
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
             log.warning("OAuth: cannot fetch %s: %s", url, exc)
             raise BackendError(f"cannot reach the token issuer ({url}); try again later") \
                 from None
         if len(data) > _MAX_DOCUMENT:
             raise BackendError(f"{url} returned more than {_MAX_DOCUMENT} bytes")
         return data
+
+
+def _parse_jwks(data: bytes) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """The signing keys of a JWK Set (RFC 7517 5), by kid and without one; BackendError
+    if ``data`` is not a JWK Set."""
+    try:
+        document = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        document = None
+    keys = document.get("keys") if isinstance(document, dict) else None
+    if not isinstance(keys, list):
+        raise BackendError("the issuer's key set (jwks_uri) is not a JWK Set")
+    named: dict[str, dict[str, Any]] = {}
+    unnamed: list[dict[str, Any]] = []
+    for key in keys:
+        if not isinstance(key, dict) or key.get("use", "sig") != "sig":
+            continue
+        public = {k: v for k, v in key.items() if k not in _PRIVATE_MEMBERS}
+        if isinstance(key.get("kid"), str):
+            named[key["kid"]] = public
+        else:
+            unnamed.append(public)
+    return named, unnamed
 
 
 # private members of RSA and EC JWKs (RFC 7518 6.2.2, 6.3.2): never kept, even if published

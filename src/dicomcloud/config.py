@@ -165,7 +165,7 @@ class AuthSettings:
     #: Claim listing the tenants a token may address (``*``: all); empty: not checked.
     tenant_claim: str = "tenant"
     #: Seconds the issuer's key set is cached (in process and in the shared cache).
-    jwks_cache_seconds: float = 3600.0
+    jwks_cache_seconds: float = 600.0
     #: A token with an unknown key id fetches the key set again at most this often.
     jwks_refresh_seconds: float = 30.0
     #: PEM file of CAs for the issuer's HTTPS certificate (a hospital CA); empty: system CAs.
@@ -273,8 +273,10 @@ def _peer_matches(entry: str, calling_ae: str, address: str) -> bool:
     if not network:
         return True
     try:
-        return ipaddress.ip_address(address.split("%")[0]) in ipaddress.ip_network(
-            network.strip(), strict=False)
+        ip = ipaddress.ip_address(address.split("%")[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped  # an IPv4 peer on a dual-stack listener
+        return ip in ipaddress.ip_network(network.strip(), strict=False)
     except ValueError:
         return False
 

@@ -70,8 +70,9 @@ class BearerGuard:
                 _header(scope, b"authorization"))
             if tenant is not None:
                 principal.may(right, tenant, self.settings.auth)
-        except Unauthorized as exc:
-            await self._refuse(send, 401, exc.message, exc.error)
+        except Unauthorized as exc:  # 400 for a malformed request (RFC 6750 3.1)
+            await self._refuse(send, 400 if exc.error == "invalid_request" else 401,
+                               exc.message, exc.error)
             return
         except Forbidden as exc:
             await self._refuse(send, 403, exc.message, "insufficient_scope", exc.scope)

@@ -219,6 +219,7 @@ class SqlIndex:
                 params = [(*p[:at], str(p[at]), *p[at + 1:]) for p in params]
             # the driver's executemany: SQLAlchemy's insertmanyvalues cost ~60 us per row
             marks = {"qmark": ["?"] * len(names), "format": ["%s"] * len(names),
+                     "pyformat": ["%s"] * len(names),
                      "numeric_dollar": [f"${i}" for i in range(1, len(names) + 1)]}
             sql = (f"INSERT INTO access_log ({', '.join(names)}) VALUES "
                    f"({', '.join(marks[conn.dialect.paramstyle])}) "

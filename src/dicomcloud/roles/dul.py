@@ -307,9 +307,10 @@ def refuse(sock: socket.socket, pdu: bytes, unread: int = 0) -> None:
     socket with unread data makes the kernel reset the connection, and the peer might lose
     the answer.
     """
+    deadline = time.monotonic() + 3.0  # a peer dribbling bytes holds the thread no longer
     with contextlib.suppress(OSError):
         sock.settimeout(2.0)
-        while unread > 0:
+        while unread > 0 and time.monotonic() < deadline:
             chunk = sock.recv(min(unread, 65536))
             if not chunk:
                 break
@@ -317,7 +318,7 @@ def refuse(sock: socket.socket, pdu: bytes, unread: int = 0) -> None:
         sock.sendall(pdu)
         sock.shutdown(socket.SHUT_WR)
         sock.settimeout(0.5)
-        while sock.recv(65536):  # whatever else the peer sends until it closes
+        while time.monotonic() < deadline and sock.recv(65536):  # until the peer closes
             pass
     with contextlib.suppress(OSError):
         sock.close()

@@ -365,6 +365,7 @@ async def run(runtime: Runtime, stop: asyncio.Event) -> None:
     try:
         await stop.wait()
         await asyncio.to_thread(_drain, ae, server, runtime.settings.web.graceful_timeout)
+        await asyncio.sleep(0.2)  # the events of associations aborted by the drain arrive
     finally:
         flushing.set()
         await flusher

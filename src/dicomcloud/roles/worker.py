@@ -111,36 +111,34 @@ async def load_access_log(runtime: Runtime, stop: asyncio.Event) -> None:
             if messages:
                 await _record_access(runtime, access_rows(m.body for m in messages))
                 await runtime.queue.commit(ACCESS_GROUP, messages)
-        except BackendError as exc:
-            log.warning("access log table: %s; retrying", exc.message)
-            with contextlib.suppress(BackendError):
+        except Exception as exc:  # the loader never dies: it retries (rows skip by trace_id)
+            log.warning("access log table: %s; retrying",
+                        exc.message if isinstance(exc, BackendError) else repr(exc))
+            with contextlib.suppress(Exception):
                 await runtime.queue.rewind(LOG_TOPIC, ACCESS_GROUP)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 1.0)
 
 
 async def _record_access(runtime: Runtime, rows: list[dict[str, Any]]) -> None:
-    """Insert a batch; if the batch fails, row by row: a row the index refuses (a poison
-    event) is skipped with a warning, while an index that refuses every row is away and
-    the batch is retried later (BackendError)."""
+    """Insert a batch; if the batch fails, row by row. A row the index refuses while it
+    answers otherwise (a poison event) is skipped with a warning; when the index does not
+    answer at all, BackendError: the batch is retried later."""
     try:
         await runtime.index.record_access(rows)
         return
     except BackendError:
-        if len(rows) < 2:
-            raise
-    refused = 0
+        pass
+    refused: list[str] = []
     for row in rows:
         try:
             await runtime.index.record_access([row])
         except BackendError as exc:
-            refused += 1
-            last = exc
-    if refused == len(rows):
-        raise last
+            refused.append(exc.message)
     if refused:
+        await runtime.index.recent_access(limit=1)  # raises when the index is away
         log.warning("access log table: %d event(s) skipped, the index refused them: %s",
-                    refused, last.message)
+                    len(refused), refused[-1][:300])
 
 
 async def run(runtime: Runtime, stop: asyncio.Event) -> None:
