@@ -257,3 +257,17 @@ def test_access_log_cli_prints_a_table_for_people(archive: Archive) -> None:
         timeout=60, env={**os.environ, "COLUMNS": "200"})
     assert result.returncode == 0, result.stderr
     assert "QIDO-RS" in result.stdout and "service" in result.stdout
+
+
+def test_access_events_replace_control_characters_and_fit_their_columns() -> None:
+    from dicomcloud.accesslog import LIMITS, AccessEvent
+
+    event = AccessEvent(tenant_id="default", protocol="DICOMweb", service="WADO-RS",
+                        route="/studies/{study}/metadata", status=404, client_ip="::1",
+                        study_uid="1.2\x00x" + "9" * 100, method="G" * 200,
+                        user_agent="agent\x1b[31m" + "x" * 5000, calling_ae="A\x00B")
+    event.clip()
+    assert event.study_uid == "1.2?x" + "9" * 59
+    assert event.method == "G" * 16 and event.calling_ae == "A?B"
+    assert len(event.user_agent or "") == LIMITS["user_agent"]
+    assert (event.user_agent or "").isprintable()

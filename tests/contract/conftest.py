@@ -60,7 +60,7 @@ async def index(index_url: str) -> AsyncIterator[SqlIndex]:
         if opened.dialect == "postgresql":  # shared by the session: start from empty
             async with opened.engine.begin() as conn:
                 await conn.execute(sa.text(
-                    "TRUNCATE dicom_instance, dicom_state_meta, dicom_json_meta"))
+                    "TRUNCATE dicom_instance, dicom_state_meta, dicom_json_meta, access_log"))
         yield opened
 
 

@@ -224,7 +224,10 @@ class SqlIndex:
             sql = (f"INSERT INTO access_log ({', '.join(names)}) VALUES "
                    f"({', '.join(marks[conn.dialect.paramstyle])}) "
                    "ON CONFLICT (trace_id) DO NOTHING")
-            conn.exec_driver_sql(sql, params)
+            try:
+                conn.exec_driver_sql(sql, params)
+            except (OverflowError, ValueError, TypeError) as exc:  # a value the driver refuses
+                raise BackendError(f"access log row refused: {exc!r}") from exc
 
         await self._run(write, write=True, what="access log write")
 
