@@ -174,15 +174,9 @@ class OidcProvider:
     # lifecycle
 
     @classmethod
-    def start(
-        cls,
-        port: int,
-        audience: str,
-        keys: list[dict[str, Any]],
-        clients: list[dict[str, Any]],
-        access_token_ttl: int = 300,
-    ) -> OidcProvider:
-        self = cls(port, audience, keys, clients, access_token_ttl)
+    def start(cls, *args: Any, **kwargs: Any) -> OidcProvider:
+        """A provider made with the constructor's arguments, running."""
+        self = cls(*args, **kwargs)
         self._spawn()
         return self
 
