@@ -163,14 +163,17 @@ def access_log(
             sys.stdout.write(orjson.dumps(row, default=str).decode() + "\n")
         return
     table = Table("time (UTC)", "tenant", "who", "from", "service", "what", "status", "bytes",
-                  "ms")
+                  "ms", box=None)
+    for column in table.columns:
+        column.no_wrap = True
     for row in reversed(rows):
         who = row["principal"] or row["client_id"] or row["calling_ae"] or "-"
         what = row["sop_uid"] or row["series_uid"] or row["study_uid"] or row["route"]
-        table.add_row(str(row["event_time"])[:23], row["tenant_id"], who,
+        table.add_row(str(row["event_time"])[:19], row["tenant_id"], who,
                       row["client_ip"] or "-", row["service"], what, str(row["status"]),
                       str(row["bytes_in"] + row["bytes_out"]), f"{row['duration_ms']:.1f}")
-    Console().print(table)
+    # a pipe or a file gets whole lines; a terminal its own width
+    Console(width=None if sys.stdout.isatty() else 250).print(table)
     if not rows:
         console.print("no access recorded yet (is the worker role running, with "
                       "worker.access_log_table on?)")
