@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,6 +51,34 @@ _IDENTIFIER_MISMATCH = 0xA900  # Identifier does not match SOP Class (PS3.4 C.4.
 _UNABLE = 0xC000  # Unable to process
 _MOVE_UNKNOWN = 0xA801  # Refused: Move Destination unknown (PS3.4 C.4.2.1.5)
 _TIMEOUT = 120.0
+_AHEAD = 4  # responses queued for pynetdicom's DUL thread before the next is made
+_SEND_WAIT = 30.0  # ... waiting at most this long for it to send them
+
+
+def _cancelled(event: evt.Event) -> bool:
+    """Whether the requestor sent a C-CANCEL for this operation (PS3.7 9.3.2.3, 9.3.3.3,
+    9.3.4.3); asked before each response.
+
+    pynetdicom's DUL thread reads an incoming PDU only in a pass with nothing queued to send.
+    Responses made faster than it sends them would keep that queue full, and a C-CANCEL
+    would wait unread until every match had gone. So the next response waits until at
+    most ``_AHEAD`` are queued (which also bounds the memory of a large answer), and, when
+    data from the peer is waiting on the socket, until the DUL has read it (at most 0.2 s).
+    pynetdicom forgets a C-CANCEL once ``is_cancelled`` has reported it: it is asked once
+    per pass."""
+    dul = event.assoc.dul
+    deadline = time.monotonic() + _SEND_WAIT
+    while dul.to_provider_queue.qsize() > _AHEAD and time.monotonic() < deadline \
+            and dul.is_alive():
+        time.sleep(0.0002)
+    sock = dul.socket
+    deadline = time.monotonic() + 0.2
+    while True:
+        if event.is_cancelled:
+            return True
+        if sock is None or not sock.ready or time.monotonic() >= deadline:
+            return False
+        time.sleep(0.001)
 
 
 class QueryRetrieve:
@@ -89,7 +118,7 @@ class QueryRetrieve:
                          for r in rows}.values())
         requested = [e for e in identifier if e.keyword not in _SKIP and e.VR != "SQ"]
         for row in rows:
-            if event.is_cancelled:
+            if _cancelled(event):
                 yield _CANCELLED, None
                 return
             yield _PENDING, self._answer(query, row, requested, qr_level, retrieve_ae)
@@ -169,7 +198,7 @@ class QueryRetrieve:
     def _datasets(self, event: evt.Event, rows: list[InstanceRow]) -> Iterator[
             tuple[int, Dataset | None]]:
         for row in rows:
-            if event.is_cancelled:
+            if _cancelled(event):
                 yield _CANCELLED, None
                 return
             try:
