@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 from dicomcloud.errors import DicomCloudError
@@ -155,13 +155,24 @@ class AccessLog:
                             exc.message if isinstance(exc, DicomCloudError) else repr(exc))
                 return
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def _run(self, stop: asyncio.Event) -> None:
         """Flush every ``FLUSH_SECONDS`` until ``stop``, then once more."""
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), FLUSH_SECONDS)
             await self.flush()
         await self.flush()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[AccessLog]:
+        """Flush in the background while the block runs; at its end, once more."""
+        stop = asyncio.Event()
+        flusher = asyncio.create_task(self._run(stop), name="access-log")
+        try:
+            yield self
+        finally:
+            stop.set()
+            await flusher
 
 
 def access_rows(bodies: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:

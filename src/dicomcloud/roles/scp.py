@@ -111,6 +111,14 @@ class AssociationReport:
         self.studies: set[str] = set()
         self.done = False
 
+    def identify(self, settings: Settings, calling_ae: str,
+                 called_ae: str) -> tuple[int, int, int] | None:
+        """Take the request's AE titles and tenant (``Settings.admit``); the rejection
+        the request earns, None when admitted."""
+        self.calling_ae, self.called_ae = calling_ae[:16] or None, called_ae[:16] or None
+        self.tenant_id, reject = settings.admit(calling_ae, called_ae, self.client_ip or "")
+        return reject
+
     def note(self, service: str, status: int = 0, study_uid: str | None = None) -> None:
         """One DIMSE operation; a failure or warning status is kept (the last one wins)."""
         self.services[service] = None
@@ -176,11 +184,8 @@ class StoreService:
         report = self.report_of(event.assoc)
         primitive = event.assoc.requestor.primitive
         if primitive is not None:
-            calling = str(primitive.calling_ae_title).strip()
-            called = str(primitive.called_ae_title).strip()
-            report.calling_ae, report.called_ae = calling[:16] or None, called[:16] or None
-            report.tenant_id = self.runtime.settings.admit(calling, called,
-                                                           report.client_ip or "")[0]
+            report.identify(self.runtime.settings, str(primitive.calling_ae_title).strip(),
+                            str(primitive.called_ae_title).strip())
         else:
             report.tenant_id = self.runtime.settings.default_tenant
         self.record(report)
@@ -353,22 +358,16 @@ class TenantAE(AE):
 async def run(runtime: Runtime, stop: asyncio.Event) -> None:
     """Serve DIMSE until ``stop``; then refuse new associations and let running ones end."""
     s = runtime.settings.scp
-    access_log = AccessLog(runtime.queue, runtime.settings.node_id)
-    flushing = asyncio.Event()
-    flusher = asyncio.create_task(access_log.run(flushing), name="access-log")
-    service = StoreService(runtime, asyncio.get_running_loop(), access_log)
-    ae = make_ae(runtime)
-    server = _start_server(ae, (s.host, s.port), service, reuse_port=s.reuse_port)
-    log.info("DIMSE listening on %s:%d as %s%s", s.host, s.port, s.ae_title,
-             " (TLS only)" if s.tls_certfile else "")
-    runtime.mark_listening()
-    try:
+    async with AccessLog(runtime.queue, runtime.settings.node_id).running() as access_log:
+        service = StoreService(runtime, asyncio.get_running_loop(), access_log)
+        ae = make_ae(runtime)
+        server = _start_server(ae, (s.host, s.port), service, reuse_port=s.reuse_port)
+        log.info("DIMSE listening on %s:%d as %s%s", s.host, s.port, s.ae_title,
+                 " (TLS only)" if s.tls_certfile else "")
+        runtime.mark_listening()
         await stop.wait()
         await asyncio.to_thread(_drain, ae, server, runtime.settings.web.graceful_timeout)
         await asyncio.sleep(0.2)  # the events of associations aborted by the drain arrive
-    finally:
-        flushing.set()
-        await flusher
 
 
 def serves_natively(request: dul.AssociateRequest) -> bool:
@@ -440,10 +439,8 @@ class DimseServer(ThreadedAssociationServer):
                 sock.close()
             return
         report = AssociationReport(address[0])
-        report.calling_ae = request.calling_title[:16] or None
-        report.called_ae = request.called_title[:16] or None
-        report.tenant_id, reject = self.service.runtime.settings.admit(
-            request.calling_title, request.called_title, address[0])
+        reject = report.identify(self.service.runtime.settings, request.calling_title,
+                                 request.called_title)
         if reject is not None:
             log.warning("association from %s@%s to %s rejected: %s", request.calling_title,
                         address[0], request.called_title,

@@ -791,15 +791,9 @@ async def run(runtime: Runtime, stop: asyncio.Event) -> None:
     config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns the descriptor from here
     log.info("DICOMweb on %s://%s:%d%s", "https" if config.ssl_enabled else "http",
              s.host, s.port, s.root)
-    access_log = AccessLog(runtime.queue, runtime.settings.node_id)
-    flushing = asyncio.Event()
-    flusher = asyncio.create_task(access_log.run(flushing), name="access-log")
     if runtime.settings.auth.enabled:
         log.info("DICOMweb requires bearer tokens of %s", runtime.settings.auth.issuer)
     runtime.mark_listening()
-    try:
+    async with AccessLog(runtime.queue, runtime.settings.node_id).running() as access_log:
         app = create_app(runtime, access_log if s.access_log else None)
         await hypercorn_serve(app, config, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
-    finally:
-        flushing.set()
-        await flusher
