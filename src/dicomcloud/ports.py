@@ -8,14 +8,16 @@ suite per port (``tests/contract/``) runs against every backend.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, Protocol, TypeVar
 
 from dicomcloud.model import IndexedInstance, InstanceKey, InstanceRow, JsonTask, SeriesRef
 from dicomcloud.query import Query
+
+_T = TypeVar("_T")
 
 TOPICS = ("storage_queue", "log_queue", "dicom_state_queue", "dicom_image_queue")
 
@@ -153,6 +155,18 @@ class Index(AbstractAsyncContextManager["Index"], Protocol):
     ) -> list[InstanceRow]:
         """Instances of a study (or one series, or the one instance ``sop_uid`` of it),
         ordered by series then instance number."""
+
+    async def with_instance(
+        self, tenant_id: str, study_uid: str, series_uid: str, sop_uid: str,
+        work: Callable[[InstanceRow | None], _T],
+    ) -> _T:
+        """``work(row)`` for one instance (``None`` when it is not indexed), run on a worker
+        thread: the file work that follows the lookup. An index whose lookups run on a
+        worker thread anyway (SQLite) does both in one hand-off."""
+
+    @property
+    def lookups_on_thread(self) -> bool:
+        """Whether lookups run on a worker thread (SQLite) rather than on the event loop."""
 
     async def previous_path(self, tenant_id: str, sop_uid: str) -> str | None:
         """File path currently indexed for a SOP Instance UID."""

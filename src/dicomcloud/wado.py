@@ -23,9 +23,9 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
 import re
 import struct
-import uuid
 import zlib
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -265,7 +265,9 @@ def _little_endian_bytes(array: Any) -> bytes:
 
 # -- multipart -------------------------------------------------------------------------
 def new_boundary() -> str:
-    return f"dicomcloud-{uuid.uuid4().hex}"
+    """A fresh random boundary per response (RFC 2046 5.1.1: it must not occur in the
+    parts; 128 random bits make that, and guessing it to forge parts, hopeless)."""
+    return "dicomcloud-" + os.urandom(16).hex()
 
 
 def part_head(boundary: str, content_type: str, extra: str = "") -> bytes:

@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import logging
+import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -147,6 +148,45 @@ class SqlIndex:
         return await self._run(
             lambda conn: [InstanceRow(*r) for r in conn.execute(stmt, params)])
 
+    @property
+    def lookups_on_thread(self) -> bool:
+        return self._sync is not None
+
+    async def with_instance(
+        self, tenant_id: str, study_uid: str, series_uid: str, sop_uid: str,
+        work: Callable[[InstanceRow | None], _T],
+    ) -> _T:
+        stmt = _INSTANCES[(True, True)]
+        params = {"tenant_id": tenant_id, "study_uid": study_uid, "series_uid": series_uid,
+                  "sop_uid": sop_uid}
+
+        def lookup(conn: sa.Connection) -> InstanceRow | None:
+            row = conn.execute(stmt, params).first()
+            return InstanceRow(*row) if row is not None else None
+
+        engine = self._sync
+        if engine is None:  # asyncpg: looked up on the loop, then one hand-off for the work
+            return await asyncio.to_thread(work, await self._run(lookup))
+
+        key = (tenant_id, sop_uid, study_uid, series_uid)
+
+        def both() -> _T:
+            # the driver's own statement cache: a primary key lookup costs SQLAlchemy's
+            # statement execution several times over; the pooled connection is back before
+            # the file work starts
+            try:
+                conn = engine.raw_connection()
+                try:
+                    driver: sqlite3.Connection = conn.driver_connection  # type: ignore[assignment]
+                    found = driver.execute(_SQLITE_LOOKUP, key).fetchone()
+                finally:
+                    conn.close()
+            except (SQLAlchemyError, sqlite3.Error, OSError) as exc:
+                raise BackendError(f"index query failed: {exc}") from exc
+            return work(InstanceRow(*found) if found is not None else None)
+
+        return await asyncio.to_thread(both)
+
     async def previous_path(self, tenant_id: str, sop_uid: str) -> str | None:
         stmt = sa.select(instance.c.file_path).where(
             instance.c.tenant_id == tenant_id, instance.c.sop_uid == sop_uid)
@@ -266,6 +306,9 @@ def _instances_statement(series: bool, sop: bool) -> sa.Select[Any]:
 
 _INSTANCES = {(series, sop): _instances_statement(series, sop)
               for series in (False, True) for sop in (False, True)}
+_SQLITE_LOOKUP = (  # one instance by its primary key, columns in InstanceRow's order
+    f"SELECT {', '.join(f.name for f in dataclasses.fields(InstanceRow))} FROM {instance.name}"
+    " WHERE tenant_id = ? AND sop_uid = ? AND study_uid = ? AND series_uid = ?")
 
 
 def _run_sync(engine: sa.Engine, fn: Callable[[sa.Connection], _T], write: bool) -> _T:
