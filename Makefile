@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help install run test test-fast lint bench bench-large bench-pair bench-distributed services services-stop system-deps clean
+.PHONY: help install run test test-fast lint bench bench-large bench-pair bench-frames bench-distributed services services-stop system-deps clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -48,6 +48,12 @@ bench: $(STAMP)  ## ../shared/bench against dicomcloud, then the large-study cas
 
 bench-large: $(STAMP)  ## only the large-study case: one study of 3,000 instances, metadata latency
 	$(BIN)/python scripts/bench_large_study.py
+
+bench-frames: $(STAMP)  ## 16 connections x frames with wrk (a C client), against Orthanc
+	@BENCH_WORK=$${BENCH_WORK:-/tmp/dicom-bench} bash ../shared/bench/setup.sh >&2
+	@command -v wrk >/dev/null || { S=""; [ "$$(id -u)" -eq 0 ] || S=sudo; \
+		$$S apt-get install -y -qq wrk >/dev/null; }
+	$(BIN)/python scripts/bench_frames_wrk.py
 
 bench-distributed: $(STAMP) services  ## PostgreSQL + Kafka + Redis: 1 vs 2 consumers, against embedded
 	@BENCH_WORK=$${BENCH_WORK:-/tmp/dicom-bench} bash ../shared/bench/setup.sh >&2

@@ -862,6 +862,52 @@ def test_frames_of_a_file_replaced_before_re_indexing_come_from_the_new_file(
     assert [body for _, body in _parts(response)] == [ds.PixelData]
 
 
+def test_head_of_an_instance_or_a_frame_has_the_headers_of_get_and_no_body(
+        archive: Archive, files: dict[str, SampleFile]) -> None:
+    f = files["CT_small.dcm"]
+    for suffix, accept in (("", 'multipart/related; type="application/dicom"'),
+                           ("/frames/1", 'multipart/related; type="application/octet-stream"')):
+        url = f"{_url(archive, f)}{suffix}"
+        get = _get(url, accept)
+        head = httpx.head(url, headers={"Accept": accept}, timeout=60)
+        assert (head.status_code, get.status_code) == (200, 200), suffix
+        assert head.content == b""
+        assert head.headers["content-length"] == get.headers["content-length"]
+        assert head.headers["content-type"].split("boundary=")[0] == \
+            get.headers["content-type"].split("boundary=")[0]
+
+
+def test_a_stored_file_that_cannot_be_read_is_500_with_a_message_and_others_are_served(
+        archive: Archive, files: dict[str, SampleFile], tmp_path: Path) -> None:
+    """A storage fault (here a directory where the file should be) is the server's
+    error: 500 with a message that shows no internals, for frames and retrieval alike,
+    and the archive goes on serving every other instance."""
+    from tests.support import make_ct, write_part10
+
+    ds = make_ct(size=16)
+    path = write_part10(ds, tmp_path / "broken.dcm")
+    assert [s.Status for s in c_store(archive, [path])] == [0]
+    f = _sample(ds, path)
+    _wait_indexed(archive, [f])
+    stored = archive.stored_path("default", f.study_uid, f.series_uid, f.sop_uid)
+    aside = stored.with_name(stored.name + ".aside")
+    stored.rename(aside)
+    stored.mkdir()
+    try:
+        for suffix, accept in (("", 'multipart/related; type="application/dicom"'),
+                               ("/frames/1", 'multipart/related; type="application/octet-stream"')):
+            response = _get(f"{_url(archive, f)}{suffix}", accept)
+            assert response.status_code == 500, (suffix, response.text)
+            assert response.json() == {"status": 500, "message": "internal error; the "
+                                       "archive logged the details"}
+        other = files["CT_small.dcm"]
+        assert _get(f"{_url(archive, other)}/frames/1",
+                    'multipart/related; type="application/octet-stream"').status_code == 200
+    finally:
+        stored.rmdir()
+        aside.rename(stored)
+
+
 def test_frames_requested_in_their_stored_image_media_type_are_the_fragments(
         archive: Archive, files: dict[str, SampleFile], client: DICOMwebClient) -> None:
     for name, media_type in (("emri_j2k", "image/jp2"), ("emri_jls", "image/jls"),
