@@ -322,6 +322,18 @@ def test_qido_paging_numbers_that_are_no_64_bit_integers_are_400(archive: Archiv
     assert query.split("=")[0] in response.json()["message"]
 
 
+@pytest.mark.parametrize("query", ["PatientBirthDate=20241301", "SeriesDate=20240230-20240301",
+                                   "StudyDate=20240000", "StudyDate=-20231232",
+                                   "PatientBirthDate=00000101"])
+def test_qido_dates_of_the_right_form_but_no_calendar_day_are_400(archive: Archive,
+                                                                 query: str) -> None:
+    """PS3.5 6.2 DA: YYYYMMDD is a date of the calendar; month 13 or 30 February is a
+    client's error naming the parameter, never a 500 from the date conversion."""
+    response = httpx.get(f"{archive.url}/studies?{query}", timeout=30)
+    assert response.status_code == 400, response.text
+    assert query.split("=")[0] in response.json()["message"]
+
+
 @pytest.mark.parametrize("quality", ["%C2%B2", "9" * 4301])
 def test_rendered_quality_that_is_no_small_integer_is_400(archive: Archive,
                                                           quality: str) -> None:

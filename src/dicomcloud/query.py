@@ -8,6 +8,7 @@ a ``Query`` to SQL; nothing here knows about a database.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -217,6 +218,11 @@ def _check_temporal(name: str, vr: str, value: str) -> None:
     ok = _DATE_RE.match(value) if vr == "DA" else _TIME_RE.match(value)
     if vr == "DT":
         ok = re.fullmatch(r"\d{4,14}(\.\d{1,6})?([+-]\d{4})?", value)
+    if ok and vr == "DA":  # a calendar date: 20241301 has the form but no month 13
+        try:
+            dt.date(int(value[:4]), int(value[4:6]), int(value[6:8]))
+        except ValueError:
+            ok = None
     if not ok:
         raise BadRequest(f"{name}: {value[:40]!r} is not a valid {vr} value (PS3.5 6.2)")
 
