@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import orjson
+import psutil
+import pytest
 
 from dicomcloud.config import load_settings
+from dicomcloud.errors import BackendError
 from dicomcloud.model import utcnow
 from dicomcloud.roles.worker import MetadataBuilder
 from dicomcloud.runtime import Runtime
@@ -45,3 +50,57 @@ async def test_a_build_overtaken_by_a_newer_flag_writes_nothing(tmp_path: Path) 
         document = runtime.storage.read_metadata(path)
         assert document is not None and len(orjson.loads(document)) == 2
         assert await runtime.index.finish_series(new, ok=True) is True
+
+
+async def test_the_low_priority_helper_builds_the_same_documents_as_the_worker_itself(
+        tmp_path: Path) -> None:
+    """``worker.builder_nice``: the files are read in a helper process at that nice value
+    (lower priority than the archive's own processes), and the documents it builds are
+    byte for byte those built in the worker's own process."""
+    settings = load_settings(data_dir=tmp_path, roles=("worker",))
+    async with Runtime(settings) as runtime:
+        study, series = new_uid(), new_uid()
+        for _ in range(3):
+            await _store(runtime, study, series, new_uid())
+        (task,) = await runtime.index.due_series(utcnow() + FUTURE, 5, 10)
+        path = f"{TENANT}/{study}/{series}.json"
+        here = MetadataBuilder(runtime, nice=0)
+        assert await here.build(task) == 3
+        in_process = runtime.storage.read_metadata(path)
+        helper = MetadataBuilder(runtime, nice=settings.worker.builder_nice)
+        try:
+            runtime.storage.write_metadata(path, b"[]")
+            assert await helper.build(task) == 3
+            assert runtime.storage.read_metadata(path) == in_process
+            assert helper._pool is not None
+            (pid,) = helper._pool._processes  # type: ignore[attr-defined]
+            assert os.getpriority(os.PRIO_PROCESS, pid) == \
+                os.getpriority(os.PRIO_PROCESS, 0) + settings.worker.builder_nice
+        finally:
+            await helper.close()
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+
+
+async def test_a_helper_that_dies_fails_that_build_and_the_next_build_starts_another(
+        tmp_path: Path) -> None:
+    """kill -9 of the helper mid-life: the build in flight fails with a BackendError (the
+    worker retries the series later) and the next build runs in a new helper."""
+    settings = load_settings(data_dir=tmp_path, roles=("worker",))
+    async with Runtime(settings) as runtime:
+        study, series = new_uid(), new_uid()
+        await _store(runtime, study, series, new_uid())
+        (task,) = await runtime.index.due_series(utcnow() + FUTURE, 5, 10)
+        helper = MetadataBuilder(runtime, nice=10)
+        try:
+            assert await helper.build(task) == 1
+            assert helper._pool is not None
+            (first,) = helper._pool._processes  # type: ignore[attr-defined]
+            os.kill(first, signal.SIGKILL)
+            psutil.Process(first).wait(10)
+            with pytest.raises(BackendError, match="helper process died"):
+                await helper.build(task)
+            assert await helper.build(task) == 1
+            (second,) = helper._pool._processes  # type: ignore[attr-defined]
+            assert second != first
+        finally:
+            await helper.close()

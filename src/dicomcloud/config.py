@@ -140,6 +140,10 @@ class WorkerSettings:
     access_log_table: str = "auto"
     #: Days access_log rows are kept.
     access_log_days: float = 90.0
+    #: Nice value (1-19) of the helper process that reads stored files into metadata, so
+    #: that generating it after a burst of ingest never slows the answers to viewers; 0
+    #: builds in the worker's own process, at its priority.
+    builder_nice: int = 10
 
 
 @dataclass(frozen=True)
@@ -435,6 +439,8 @@ def _check(settings: Settings) -> None:
                               "host:port, e.g. 192.168.1.20:104")
     if not 0 < len(settings.scp.ae_title.strip()) <= 16:
         raise ConfigError("scp.ae_title must be 1-16 characters (PS3.5 AE value representation)")
+    if not 0 <= settings.worker.builder_nice <= 19:
+        raise ConfigError("worker.builder_nice must be 0 (no helper process) to 19")
     if settings.worker.access_log_table not in ("auto", "on", "off"):
         raise ConfigError("worker.access_log_table must be auto, on or off")
     if not settings.web.root.startswith("/") or settings.web.root.endswith("/"):

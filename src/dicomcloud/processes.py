@@ -40,7 +40,8 @@ def role_settings(settings: Settings, role: str) -> Settings:
     return dataclasses.replace(settings, roles=(role,), **{role: shared})
 
 
-def _die_with_parent(parent: int) -> None:
+def die_with_parent(parent: int) -> None:
+    """Have the kernel kill this process when ``parent`` dies (Linux), even by kill -9."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -51,7 +52,7 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _child_main(settings: Settings, parent: int, listening: Any) -> None:
-    _die_with_parent(parent)
+    die_with_parent(parent)
     import pydicom.config
 
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE

@@ -18,7 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import multiprocessing
+import os
+import signal
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -26,9 +31,12 @@ import orjson
 
 from dicomcloud.accesslog import TOPIC as LOG_TOPIC
 from dicomcloud.accesslog import access_rows
+from dicomcloud.backends import backend_class
 from dicomcloud.dicomjson import instance_json
 from dicomcloud.errors import BackendError
 from dicomcloud.model import JsonTask
+from dicomcloud.ports import Storage
+from dicomcloud.processes import die_with_parent
 from dicomcloud.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -36,26 +44,56 @@ _HOUSEKEEP_EVERY = 300.0
 
 
 class MetadataBuilder:
-    """Builds metadata documents from stored files."""
+    """Builds metadata documents from stored files.
 
-    def __init__(self, runtime: Runtime) -> None:
+    Reading the files, nearly all of the cost, runs in a helper process at a low priority
+    (``nice``, ``worker.builder_nice``): after a burst of ingest, the CPU it needs goes to
+    QIDO-RS and WADO-RS answers first, and it never holds this process's interpreter lock
+    while the consumer indexes. ``nice`` 0 reads on a worker thread of this process."""
+
+    def __init__(self, runtime: Runtime, nice: int = 0) -> None:
         self.runtime = runtime
+        self.nice = nice
+        self._pool: ProcessPoolExecutor | None = None
+
+    async def close(self) -> None:
+        """Stop the helper process (after the running build, if any)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await asyncio.to_thread(pool.shutdown, True, cancel_futures=True)
 
     async def build(self, task: JsonTask) -> int:
         """Write series and study metadata of ``task``; returns the series' instance count."""
         rt = self.runtime
         rows = await rt.index.instances(task.tenant_id, task.study_uid, task.series_uid)
-        docs = await asyncio.to_thread(self._read, [r.file_path for r in rows])
+        series_doc, count = await self._documents([r.file_path for r in rows])
         if await rt.index.flag_time(task.tenant_id, task.study_uid,
                                     task.series_uid) != task.flag_time:
             # Flagged again while we read (or taken by another worker node that saw the
             # newer flag): a newer build follows or ran; never overwrite its documents.
-            return len(docs)
-        series_doc = orjson.dumps(docs)
+            return count
         series_path = f"{task.tenant_id}/{task.study_uid}/{task.series_uid}.json"
         await asyncio.to_thread(rt.storage.write_metadata, series_path, series_doc)
         await self._write_study(task)
-        return len(docs)
+        return count
+
+    async def _documents(self, paths: list[str]) -> tuple[bytes, int]:
+        """The DICOM JSON array of the instances stored at ``paths`` (PS3.18 F.2), and how
+        many it holds (a file missing on disk is logged and left out)."""
+        if self.nice <= 0:
+            return await asyncio.to_thread(_documents, self.runtime.storage, paths)
+        if self._pool is None:
+            settings = self.runtime.settings
+            self._pool = ProcessPoolExecutor(
+                1, mp_context=multiprocessing.get_context("spawn"), initializer=_helper_init,
+                initargs=(self.nice, os.getpid(), settings.log_level,
+                          settings.resolved_storage_url))
+        try:
+            return await asyncio.wrap_future(self._pool.submit(_documents_in_helper, paths))
+        except BrokenProcessPool:
+            self._pool = None  # the next build starts another helper
+            raise BackendError("the metadata helper process died; the series is retried, "
+                               "in a new one") from None
 
     async def _write_study(self, task: JsonTask) -> None:
         """The study document from the series documents. Another worker node may rewrite
@@ -72,8 +110,8 @@ class MetadataBuilder:
                 path = f"{task.tenant_id}/{task.study_uid}/{series_uid}.json"
                 doc = await asyncio.to_thread(rt.storage.read_metadata, path)
                 if doc is None:  # not generated yet: its own task follows; build it now
-                    sub = [r.file_path for r in rows if r.series_uid == series_uid]
-                    doc = orjson.dumps(await asyncio.to_thread(self._read, sub))
+                    doc, _ = await self._documents(
+                        [r.file_path for r in rows if r.series_uid == series_uid])
                 else:
                     used[path] = doc
                 parts.append(doc[1:-1])
@@ -87,15 +125,38 @@ class MetadataBuilder:
         log.warning("study %s: its series documents kept changing; the next change of the "
                     "study rebuilds its document", task.study_uid)
 
-    def _read(self, paths: list[str]) -> list[dict[str, Any]]:
-        docs = []
-        for path in paths:
-            try:
-                with self.runtime.storage.open(path) as fh:
-                    docs.append(instance_json(fh))
-            except FileNotFoundError:
-                log.warning("metadata: %s is indexed but missing on disk", path)
-        return docs
+
+def _documents(storage: Storage, paths: list[str]) -> tuple[bytes, int]:
+    docs = []
+    for path in paths:
+        try:
+            with storage.open(path) as fh:
+                docs.append(instance_json(fh))
+        except FileNotFoundError:
+            log.warning("metadata: %s is indexed but missing on disk", path)
+    return orjson.dumps(docs), len(docs)
+
+
+_helper_storage: Storage | None = None  # the metadata helper process's storage
+
+
+def _helper_init(nice: int, parent: int, log_level: str, storage_url: str) -> None:
+    """Start of the metadata helper process: low priority, gone with its parent."""
+    global _helper_storage
+    die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C: the parent winds it down
+    os.nice(nice)
+    import pydicom.config
+
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)-7s %(name)s[%(process)d]: %(message)s")
+    _helper_storage = backend_class("storage", storage_url)(storage_url, fsync=False)
+
+
+def _documents_in_helper(paths: list[str]) -> tuple[bytes, int]:
+    assert _helper_storage is not None
+    return _documents(_helper_storage, paths)
 
 
 ACCESS_GROUP = "dicomcloud-access-log"
@@ -158,7 +219,15 @@ async def run(runtime: Runtime, stop: asyncio.Event) -> None:
 
 async def _scan(runtime: Runtime, stop: asyncio.Event) -> None:
     settings = runtime.settings.worker
-    builder = MetadataBuilder(runtime)
+    builder = MetadataBuilder(runtime, settings.builder_nice)
+    try:
+        await _scan_with(runtime, stop, builder)
+    finally:
+        await builder.close()
+
+
+async def _scan_with(runtime: Runtime, stop: asyncio.Event, builder: MetadataBuilder) -> None:
+    settings = runtime.settings.worker
     last_housekeeping = 0.0
     log.info("worker regenerating metadata after %.0f s quiet", settings.quiet_seconds)
     while not stop.is_set():
