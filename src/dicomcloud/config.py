@@ -140,10 +140,10 @@ class WorkerSettings:
     access_log_table: str = "auto"
     #: Days access_log rows are kept.
     access_log_days: float = 90.0
-    #: Nice value (1-19) of the helper process that reads stored files into metadata, so
-    #: that generating it after a burst of ingest never slows the answers to viewers; 0
-    #: builds in the worker's own process, at its priority.
-    builder_nice: int = 10
+    #: Nice value (1-19) of the helper process that reads stored files into metadata: while
+    #: the machine is busy, queries and retrievals get the larger share of the CPU; 0 builds
+    #: in the worker's own process, at its priority.
+    builder_nice: int = 5
 
 
 @dataclass(frozen=True)

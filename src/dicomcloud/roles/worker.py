@@ -46,10 +46,11 @@ _HOUSEKEEP_EVERY = 300.0
 class MetadataBuilder:
     """Builds metadata documents from stored files.
 
-    Reading the files, nearly all of the cost, runs in a helper process at a low priority
-    (``nice``, ``worker.builder_nice``): after a burst of ingest, the CPU it needs goes to
-    QIDO-RS and WADO-RS answers first, and it never holds this process's interpreter lock
-    while the consumer indexes. ``nice`` 0 reads on a worker thread of this process."""
+    Reading the files, nearly all of the cost, runs in a helper process at a lower priority
+    (``nice``, ``worker.builder_nice``): while the machine is busy, QIDO-RS and WADO-RS
+    answers get the larger share of the CPU, and the reading never holds this process's
+    interpreter lock while the consumer indexes. ``nice`` 0 reads on a worker thread of
+    this process."""
 
     def __init__(self, runtime: Runtime, nice: int = 0) -> None:
         self.runtime = runtime
