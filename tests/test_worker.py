@@ -104,3 +104,23 @@ async def test_a_helper_that_dies_fails_that_build_and_the_next_build_starts_ano
             assert second != first
         finally:
             await helper.close()
+
+
+async def test_an_idle_helper_stops_and_the_next_build_starts_another(tmp_path: Path) -> None:
+    """The helper's memory goes back to the system when there is nothing to build."""
+    settings = load_settings(data_dir=tmp_path, roles=("worker",))
+    async with Runtime(settings) as runtime:
+        study, series = new_uid(), new_uid()
+        await _store(runtime, study, series, new_uid())
+        (task,) = await runtime.index.due_series(utcnow() + FUTURE, 5, 10)
+        helper = MetadataBuilder(runtime, nice=5)
+        try:
+            assert await helper.build(task) == 1
+            await helper.rest(idle_seconds=60.0)  # used just now: stays
+            assert helper._pool is not None
+            (first,) = helper._pool._processes  # type: ignore[attr-defined]
+            await helper.rest(idle_seconds=0.0)
+            assert helper._pool is None and not psutil.pid_exists(first)
+            assert await helper.build(task) == 1
+        finally:
+            await helper.close()

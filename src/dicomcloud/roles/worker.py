@@ -41,6 +41,7 @@ from dicomcloud.runtime import Runtime
 
 log = logging.getLogger(__name__)
 _HOUSEKEEP_EVERY = 300.0
+_HELPER_IDLE = 120.0  # seconds without a build before the metadata helper process stops
 
 
 class MetadataBuilder:
@@ -56,6 +57,13 @@ class MetadataBuilder:
         self.runtime = runtime
         self.nice = nice
         self._pool: ProcessPoolExecutor | None = None
+        self._used = 0.0  # time.monotonic() of the helper's last build
+
+    async def rest(self, idle_seconds: float = _HELPER_IDLE) -> None:
+        """Stop the helper process once it has had nothing to build for ``idle_seconds``
+        (its memory goes back to the system; the next build starts another)."""
+        if self._pool is not None and time.monotonic() - self._used > idle_seconds:
+            await self.close()
 
     async def close(self) -> None:
         """Stop the helper process (after the running build, if any)."""
@@ -83,6 +91,7 @@ class MetadataBuilder:
         many it holds (a file missing on disk is logged and left out)."""
         if self.nice <= 0:
             return await asyncio.to_thread(_documents, self.runtime.storage, paths)
+        self._used = time.monotonic()
         if self._pool is None:
             settings = self.runtime.settings
             self._pool = ProcessPoolExecutor(
@@ -250,6 +259,8 @@ async def _scan_with(runtime: Runtime, stop: asyncio.Event, builder: MetadataBui
                 if pruned:
                     log.info("housekeeping: deleted %d access log row(s) older than %g days",
                              pruned, settings.access_log_days)
+        if not tasks:
+            await builder.rest()
         if len(tasks) < settings.batch_size:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), await _idle_seconds(runtime))
