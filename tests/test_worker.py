@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
@@ -12,7 +14,7 @@ import pytest
 
 from dicomcloud.config import load_settings
 from dicomcloud.errors import BackendError
-from dicomcloud.model import utcnow
+from dicomcloud.model import JsonTask, utcnow
 from dicomcloud.roles.worker import MetadataBuilder
 from dicomcloud.runtime import Runtime
 from tests.contract.conftest import TENANT, make_instance
@@ -72,8 +74,7 @@ async def test_the_low_priority_helper_builds_the_same_documents_as_the_worker_i
             runtime.storage.write_metadata(path, b"[]")
             assert await helper.build(task) == 3
             assert runtime.storage.read_metadata(path) == in_process
-            assert helper._pool is not None
-            (pid,) = helper._pool._processes  # type: ignore[attr-defined]
+            pid = _helper_pid(helper)
             assert os.getpriority(os.PRIO_PROCESS, pid) == \
                 os.getpriority(os.PRIO_PROCESS, 0) + settings.worker.builder_nice
         finally:
@@ -81,46 +82,47 @@ async def test_the_low_priority_helper_builds_the_same_documents_as_the_worker_i
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
 
 
+@contextlib.asynccontextmanager
+async def _helper_with_a_series(tmp_path: Path) -> AsyncIterator[tuple[MetadataBuilder, JsonTask]]:
+    """A builder with a helper process (nice 5), and the task of a one-instance series."""
+    settings = load_settings(data_dir=tmp_path, roles=("worker",))
+    async with Runtime(settings) as runtime:
+        await _store(runtime, new_uid(), new_uid(), new_uid())
+        (task,) = await runtime.index.due_series(utcnow() + FUTURE, 5, 10)
+        helper = MetadataBuilder(runtime, nice=5)
+        try:
+            yield helper, task
+        finally:
+            await helper.close()
+
+
+def _helper_pid(builder: MetadataBuilder) -> int:
+    assert builder._pool is not None
+    (pid,) = builder._pool._processes
+    return int(pid)
+
+
 async def test_a_helper_that_dies_fails_that_build_and_the_next_build_starts_another(
         tmp_path: Path) -> None:
     """kill -9 of the helper mid-life: the build in flight fails with a BackendError (the
     worker retries the series later) and the next build runs in a new helper."""
-    settings = load_settings(data_dir=tmp_path, roles=("worker",))
-    async with Runtime(settings) as runtime:
-        study, series = new_uid(), new_uid()
-        await _store(runtime, study, series, new_uid())
-        (task,) = await runtime.index.due_series(utcnow() + FUTURE, 5, 10)
-        helper = MetadataBuilder(runtime, nice=10)
-        try:
-            assert await helper.build(task) == 1
-            assert helper._pool is not None
-            (first,) = helper._pool._processes  # type: ignore[attr-defined]
-            os.kill(first, signal.SIGKILL)
-            psutil.Process(first).wait(10)
-            with pytest.raises(BackendError, match="helper process died"):
-                await helper.build(task)
-            assert await helper.build(task) == 1
-            (second,) = helper._pool._processes  # type: ignore[attr-defined]
-            assert second != first
-        finally:
-            await helper.close()
+    async with _helper_with_a_series(tmp_path) as (helper, task):
+        assert await helper.build(task) == 1
+        first = _helper_pid(helper)
+        os.kill(first, signal.SIGKILL)
+        psutil.Process(first).wait(10)
+        with pytest.raises(BackendError, match="helper process died"):
+            await helper.build(task)
+        assert await helper.build(task) == 1
+        assert _helper_pid(helper) != first
 
 
 async def test_an_idle_helper_stops_and_the_next_build_starts_another(tmp_path: Path) -> None:
     """The helper's memory goes back to the system when there is nothing to build."""
-    settings = load_settings(data_dir=tmp_path, roles=("worker",))
-    async with Runtime(settings) as runtime:
-        study, series = new_uid(), new_uid()
-        await _store(runtime, study, series, new_uid())
-        (task,) = await runtime.index.due_series(utcnow() + FUTURE, 5, 10)
-        helper = MetadataBuilder(runtime, nice=5)
-        try:
-            assert await helper.build(task) == 1
-            await helper.rest(idle_seconds=60.0)  # used just now: stays
-            assert helper._pool is not None
-            (first,) = helper._pool._processes  # type: ignore[attr-defined]
-            await helper.rest(idle_seconds=0.0)
-            assert helper._pool is None and not psutil.pid_exists(first)
-            assert await helper.build(task) == 1
-        finally:
-            await helper.close()
+    async with _helper_with_a_series(tmp_path) as (helper, task):
+        assert await helper.build(task) == 1
+        await helper.rest(idle_seconds=60.0)  # used just now: stays
+        first = _helper_pid(helper)
+        await helper.rest(idle_seconds=0.0)
+        assert helper._pool is None and not psutil.pid_exists(first)
+        assert await helper.build(task) == 1
