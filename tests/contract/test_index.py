@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -151,6 +152,37 @@ async def test_instances_and_previous_path(index: SqlIndex) -> None:
     assert all(r.file_path == f"{TENANT}/{study}/{a}/{r.sop_uid}.dcm" for r in only_a)
     assert await index.previous_path(TENANT, new_uid()) is None
     assert await index.previous_path("other", items[0].event.sop_uid) is None
+
+
+async def test_with_instance_hands_the_row_or_none_to_work_on_a_worker_thread(
+        index: SqlIndex) -> None:
+    """``with_instance``: the same row as ``instances`` for one instance, handed to the
+    work on a thread other than the event loop's; None for an instance of another study,
+    series or tenant; an exception of the work reaches the caller."""
+    study, series = new_uid(), new_uid()
+    item = make_instance(study, series, instance_number=7)
+    await index.apply([item])
+    sop = item.event.sop_uid
+    (expected,) = await index.instances(TENANT, study, series, sop)
+    loop_thread = threading.get_ident()
+    seen: list[tuple[object, int]] = []
+
+    def work(row: object) -> str:
+        seen.append((row, threading.get_ident()))
+        return "done"
+
+    assert await index.with_instance(TENANT, study, series, sop, work) == "done"
+    assert seen[-1][0] == expected and seen[-1][1] != loop_thread
+    for key in ((TENANT, new_uid(), series, sop), (TENANT, study, new_uid(), sop),
+                ("other", study, series, sop), (TENANT, study, series, new_uid())):
+        assert await index.with_instance(*key, work) == "done"
+        assert seen[-1][0] is None
+
+    def fail(row: object) -> None:
+        raise ValueError("from the work")
+
+    with pytest.raises(ValueError, match="from the work"):
+        await index.with_instance(TENANT, study, series, sop, fail)
 
 
 async def test_tenants_are_isolated(index: SqlIndex) -> None:
