@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
+import email.utils
 import gzip
 import http.client
 import io
@@ -875,6 +877,9 @@ def test_head_of_an_instance_or_a_frame_has_the_headers_of_get_and_no_body(
         assert head.headers["content-length"] == get.headers["content-length"]
         assert head.headers["content-type"].split("boundary=")[0] == \
             get.headers["content-type"].split("boundary=")[0]
+        # RFC 9110 6.6.1: the Date of the response, formatted once a second by the server
+        sent = email.utils.parsedate_to_datetime(get.headers["date"])
+        assert abs((sent - datetime.datetime.now(datetime.UTC)).total_seconds()) < 60
 
 
 def test_a_stored_file_that_cannot_be_read_is_500_with_a_message_and_others_are_served(

@@ -815,7 +815,8 @@ class _Config(HypercornConfig):
     _date: tuple[int, bytes] = (0, b"")
 
     def response_headers(self, protocol: str) -> list[tuple[bytes, bytes]]:
-        if self.include_server_header or self.alt_svc_headers or self._quic_addresses:
+        if self.include_server_header or self.alt_svc_headers or \
+                getattr(self, "_quic_addresses", None):  # HTTP/3 adverts: hypercorn's own
             return super().response_headers(protocol)
         if not self.include_date_header:
             return []
