@@ -156,17 +156,10 @@ class SqlIndex:
         self, tenant_id: str, study_uid: str, series_uid: str, sop_uid: str,
         work: Callable[[InstanceRow | None], _T],
     ) -> _T:
-        stmt = _INSTANCES[(True, True)]
-        params = {"tenant_id": tenant_id, "study_uid": study_uid, "series_uid": series_uid,
-                  "sop_uid": sop_uid}
-
-        def lookup(conn: sa.Connection) -> InstanceRow | None:
-            row = conn.execute(stmt, params).first()
-            return InstanceRow(*row) if row is not None else None
-
         engine = self._sync
         if engine is None:  # asyncpg: looked up on the loop, then one hand-off for the work
-            return await asyncio.to_thread(work, await self._run(lookup))
+            rows = await self.instances(tenant_id, study_uid, series_uid, sop_uid)
+            return await asyncio.to_thread(work, rows[0] if rows else None)
 
         key = (tenant_id, sop_uid, study_uid, series_uid)
 
