@@ -52,7 +52,7 @@ bench-large: $(STAMP)  ## only the large-study case: one study of 3,000 instance
 bench-frames: $(STAMP)  ## 16 connections x frames with wrk (a C client), against Orthanc
 	@BENCH_WORK=$${BENCH_WORK:-/tmp/dicom-bench} bash ../shared/bench/setup.sh >&2
 	@command -v wrk >/dev/null || { S=""; [ "$$(id -u)" -eq 0 ] || S=sudo; \
-		$$S apt-get install -y -qq wrk >/dev/null; }
+		$$S apt-get update -qq && $$S apt-get install -y -qq wrk >/dev/null; }
 	$(BIN)/python scripts/bench_frames_wrk.py
 
 bench-distributed: $(STAMP) services  ## PostgreSQL + Kafka + Redis: 1 vs 2 consumers, against embedded

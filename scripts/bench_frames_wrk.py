@@ -7,8 +7,9 @@ that does no work at all, answering every request with the same bytes from memor
 below Orthanc there). This measures the same workload, 16 keep-alive connections fetching
 frame 1 of every CT instance in turn (``Accept: multipart/related;
 type="application/octet-stream"; transfer-syntax=*``), with wrk, an event-driven C client
-on one thread, against the reference Orthanc and dicomcloud in alternation on the same data,
-and prints requests per second, latency and the ratio.
+on one thread, against the reference Orthanc and dicomcloud in alternation on the same data
+(each round in the other order), and prints requests per second, latency and the ratio. A
+failed response or a lost request (socket error, timeout) fails the run.
 
 Both archives are the benchmark's: Orthanc from ``../shared/bench/orthanc-ctl.sh``,
 dicomcloud from ``scripts/bench-server.sh`` (its embedded defaults). Instances missing from
@@ -118,6 +119,9 @@ def run_wrk(host: str, prefix: str, paths: list[str], seconds: float, connection
          host, "--", str(listing)], check=True, capture_output=True, text=True).stdout
     if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
         sys.exit(f"{host}: {m.group(1)} failed responses\n{out}")
+    if (m := re.search(r"Socket errors: (.*)", out)) and any(
+            int(n) for n in re.findall(r"\d+", m.group(1))):
+        sys.exit(f"{host}: requests lost ({m.group(1)}); the figures would flatter it\n{out}")
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = re.search(r"50%\s+([\d.]+)(us|ms|s)\b", out)
     scale = {"us": 0.001, "ms": 1.0, "s": 1000.0}
@@ -145,7 +149,8 @@ def main() -> None:
     pid_file = Path(subprocess.run([server, "pidfile"], env=env, check=True, text=True,
                                    capture_output=True).stdout.strip())
     archive_was_up = pid_file.exists() and Path(f"/proc/{pid_file.read_text().strip()}").exists()
-    targets = {"orthanc": ("http://127.0.0.1:8042", "/dicom-web"),
+    targets = {"orthanc": (f"http://127.0.0.1:{os.environ.get('ORTHANC_HTTP_PORT', '8042')}",
+                           "/dicom-web"),
                "dicomcloud": (f"http://127.0.0.1:{os.environ.get('BENCH_HTTP_PORT', '18080')}",
                               "/dicomweb")}
     results: dict[str, list[dict[str, float]]] = {name: [] for name in targets}
@@ -157,7 +162,8 @@ def main() -> None:
             check_frame(host + prefix, paths[0], int(manifest["frame_bytes"]))
         with tempfile.TemporaryDirectory() as tmp:
             for n in range(args.rounds):
-                for name, (host, prefix) in targets.items():
+                order = list(targets.items())
+                for name, (host, prefix) in order if n % 2 == 0 else order[::-1]:
                     result = run_wrk(host, prefix, paths, args.seconds, args.connections,
                                      Path(tmp))
                     results[name].append(result)

@@ -324,11 +324,13 @@ def test_qido_paging_numbers_that_are_no_64_bit_integers_are_400(archive: Archiv
 
 @pytest.mark.parametrize("query", ["PatientBirthDate=20241301", "SeriesDate=20240230-20240301",
                                    "StudyDate=20240000", "StudyDate=-20231232",
-                                   "PatientBirthDate=00000101"])
+                                   "PatientBirthDate=00000101", "StudyDate=2024010%D9%A2",
+                                   "StudyDate=20240102%0A", "StudyTime=1015%0A"])
 def test_qido_dates_of_the_right_form_but_no_calendar_day_are_400(archive: Archive,
                                                                  query: str) -> None:
-    """PS3.5 6.2 DA: YYYYMMDD is a date of the calendar; month 13 or 30 February is a
-    client's error naming the parameter, never a 500 from the date conversion."""
+    """PS3.5 6.2 DA: YYYYMMDD in ASCII digits is a date of the calendar; month 13,
+    30 February, an Arabic-Indic digit or a trailing newline is a client's error naming
+    the parameter, never a 500 from the date conversion."""
     response = httpx.get(f"{archive.url}/studies?{query}", timeout=30)
     assert response.status_code == 400, response.text
     assert query.split("=")[0] in response.json()["message"]

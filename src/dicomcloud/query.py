@@ -70,8 +70,9 @@ ATTRIBUTES: dict[str, Attribute] = {
 
 _LEVEL_ORDER: dict[Level, int] = {"study": 0, "series": 1, "instance": 2}
 _RANGE_VRS = {"DA", "TM", "DT"}
-_DATE_RE = re.compile(r"^\d{8}$")
-_TIME_RE = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+# ASCII digits only, the whole value (``\d`` takes other scripts' digits, ``$`` a newline)
+_DATE_RE = re.compile(r"[0-9]{8}")
+_TIME_RE = re.compile(r"[0-9]{2}([0-9]{2}([0-9]{2}(\.[0-9]{1,6})?)?)?")
 _RESERVED = {"limit", "offset", "includefield", "fuzzymatching"}
 
 
@@ -215,9 +216,9 @@ def _parse_match(name: str, value: str, level: Level) -> Match | None:
 def _check_temporal(name: str, vr: str, value: str) -> None:
     if not value:
         return
-    ok = _DATE_RE.match(value) if vr == "DA" else _TIME_RE.match(value)
+    ok = _DATE_RE.fullmatch(value) if vr == "DA" else _TIME_RE.fullmatch(value)
     if vr == "DT":
-        ok = re.fullmatch(r"\d{4,14}(\.\d{1,6})?([+-]\d{4})?", value)
+        ok = re.fullmatch(r"[0-9]{4,14}(\.[0-9]{1,6})?([+-][0-9]{4})?", value)
     if ok and vr == "DA":  # a calendar date: 20241301 has the form but no month 13
         try:
             dt.date(int(value[:4]), int(value[4:6]), int(value[6:8]))

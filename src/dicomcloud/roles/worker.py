@@ -92,18 +92,23 @@ class MetadataBuilder:
         if self.nice <= 0:
             return await asyncio.to_thread(_documents, self.runtime.storage, paths)
         self._used = time.monotonic()
-        if self._pool is None:
-            settings = self.runtime.settings
-            self._pool = ProcessPoolExecutor(
-                1, mp_context=multiprocessing.get_context("spawn"), initializer=_helper_init,
-                initargs=(self.nice, os.getpid(), settings.log_level,
-                          settings.resolved_storage_url))
-        try:
-            return await asyncio.wrap_future(self._pool.submit(_documents_in_helper, paths))
-        except BrokenProcessPool:
-            self._pool = None  # the next build starts another helper
-            raise BackendError("the metadata helper process died; the series is retried, "
-                               "in a new one") from None
+        for attempt in (1, 2):  # a helper found dead (OOM killer, a signal) is replaced once
+            if self._pool is None:
+                settings = self.runtime.settings
+                self._pool = ProcessPoolExecutor(
+                    1, mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_helper_init, initargs=(
+                        self.nice, os.getpid(), settings.log_level,
+                        settings.resolved_storage_url))
+            try:
+                return await asyncio.wrap_future(
+                    self._pool.submit(_documents_in_helper, paths))
+            except BrokenProcessPool:
+                self._pool = None
+                log.warning("metadata: the helper process died (attempt %d); starting "
+                            "another", attempt)
+        raise BackendError("the metadata helper process died twice on this series; it is "
+                           "retried later")
 
     async def _write_study(self, task: JsonTask) -> None:
         """The study document from the series documents. Another worker node may rewrite
@@ -154,7 +159,10 @@ def _helper_init(nice: int, parent: int, log_level: str, storage_url: str) -> No
     """Start of the metadata helper process: low priority, gone with its parent."""
     global _helper_storage
     die_with_parent(parent)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C: the parent winds it down
+    # Ctrl+C, or SIGTERM to the whole process group (systemd): the parent winds it down
+    # after the build in progress, and the kernel kills it if the parent dies
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.nice(nice)
     import pydicom.config
 
