@@ -55,7 +55,7 @@ class MetadataBuilder:
 
     def __init__(self, runtime: Runtime, nice: int = 0) -> None:
         self.runtime = runtime
-        self.nice = nice
+        self.nice = nice if hasattr(os, "nice") else 0  # no nice (Windows): in this process
         self._pool: ProcessPoolExecutor | None = None
         self._used = 0.0  # time.monotonic() of the helper's last build
 
