@@ -14,7 +14,8 @@ import base64
 import logging
 import math
 import struct
-from typing import IO, Any
+from collections.abc import Iterable
+from typing import IO, TYPE_CHECKING, Any
 
 import orjson
 import pydicom
@@ -23,6 +24,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from dicomcloud.header import ITEM, SEQUENCE_END, read_open_file
+
+if TYPE_CHECKING:
+    from dicomcloud.ports import Storage
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +259,15 @@ def _has_pixels(fp: IO[bytes]) -> str | None:
     return tags.get(head)
 
 
-def dumps(documents: list[dict[str, Any]]) -> bytes:
-    """Serialise a metadata response body (a JSON array of instances)."""
-    return orjson.dumps(documents)
+def stored_documents(storage: Storage, paths: Iterable[str]) -> tuple[bytes, int]:
+    """The metadata body of the instances stored at ``paths`` (PS3.18 F.2: a JSON array
+    of instances), and how many it holds: a file indexed but missing on disk is logged and
+    left out, the others are still described."""
+    docs = []
+    for path in paths:
+        try:
+            with storage.open(path) as fh:
+                docs.append(instance_json(fh))
+        except FileNotFoundError:
+            log.error("metadata: %s is indexed but missing on disk", path)
+    return orjson.dumps(docs), len(docs)

@@ -281,6 +281,7 @@ class SqlIndex:
 
 
 _T = TypeVar("_T")
+_ROW_FIELDS = [f.name for f in dataclasses.fields(InstanceRow)]  # the columns, in its order
 
 
 def _instances_statement(series: bool, sop: bool) -> sa.Select[Any]:
@@ -292,15 +293,14 @@ def _instances_statement(series: bool, sop: bool) -> sa.Select[Any]:
         where.append(i.series_uid == sa.bindparam("series_uid"))
     if sop:
         where.append(i.sop_uid == sa.bindparam("sop_uid"))
-    fields = [f.name for f in dataclasses.fields(InstanceRow)]
-    return (sa.select(*(instance.c[f] for f in fields)).where(*where)
+    return (sa.select(*(instance.c[f] for f in _ROW_FIELDS)).where(*where)
             .order_by(i.series_uid, i.instance_number, i.sop_uid))
 
 
 _INSTANCES = {(series, sop): _instances_statement(series, sop)
               for series in (False, True) for sop in (False, True)}
 _SQLITE_LOOKUP = (  # one instance by its primary key, columns in InstanceRow's order
-    f"SELECT {', '.join(f.name for f in dataclasses.fields(InstanceRow))} FROM {instance.name}"
+    f"SELECT {', '.join(_ROW_FIELDS)} FROM {instance.name}"
     " WHERE tenant_id = ? AND sop_uid = ? AND study_uid = ? AND series_uid = ?")
 
 

@@ -46,7 +46,7 @@ from dicomcloud import rendered as render
 from dicomcloud import wado
 from dicomcloud.accesslog import AccessLog
 from dicomcloud.auth import Authenticator
-from dicomcloud.dicomjson import instance_json
+from dicomcloud.dicomjson import stored_documents
 from dicomcloud.errors import (
     BackendError,
     BadRequest,
@@ -359,7 +359,8 @@ class DicomWeb:
                 path = f"{tenant}/{study}/{series}.json" if series else f"{tenant}/{study}.json"
                 body = await asyncio.to_thread(self.runtime.storage.read_metadata, path)
         if body is None:
-            body = await asyncio.to_thread(self._live_metadata, rows)
+            body = (await asyncio.to_thread(stored_documents, self.runtime.storage,
+                                            [r.file_path for r in rows]))[0]
         base = self.base_url(request).encode()
         body = body.replace(b'"BulkDataURI":"studies/', b'"BulkDataURI":"' + base + b"/studies/")
         tag = wado.etag(body)
@@ -373,17 +374,6 @@ class DicomWeb:
             body = await asyncio.to_thread(wado.encode, body, coding)
             headers["Content-Encoding"] = coding
         return Response(body, media_type=DICOM_JSON, headers=headers)
-
-    def _live_metadata(self, rows: list[InstanceRow]) -> bytes:
-        docs = []
-        for row in rows:
-            try:
-                fh = self._open(row.file_path)
-            except NotFound:  # logged; the others are still described
-                continue
-            with fh:
-                docs.append(instance_json(fh))
-        return orjson.dumps(docs)
 
     async def frames(self, request: Request) -> Response:
         """WADO-RS frames (PS3.18 10.4.1.1.3), cut from the file by offset or fragment."""

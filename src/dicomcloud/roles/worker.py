@@ -27,12 +27,10 @@ from concurrent.futures.process import BrokenProcessPool
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import orjson
-
 from dicomcloud.accesslog import TOPIC as LOG_TOPIC
 from dicomcloud.accesslog import access_rows
 from dicomcloud.backends import backend_class
-from dicomcloud.dicomjson import instance_json
+from dicomcloud.dicomjson import stored_documents
 from dicomcloud.errors import BackendError
 from dicomcloud.model import JsonTask
 from dicomcloud.ports import Storage
@@ -90,7 +88,7 @@ class MetadataBuilder:
         """The DICOM JSON array of the instances stored at ``paths`` (PS3.18 F.2), and how
         many it holds (a file missing on disk is logged and left out)."""
         if self.nice <= 0:
-            return await asyncio.to_thread(_documents, self.runtime.storage, paths)
+            return await asyncio.to_thread(stored_documents, self.runtime.storage, paths)
         self._used = time.monotonic()
         for attempt in (1, 2):  # a helper found dead (OOM killer, a signal) is replaced once
             if self._pool is None:
@@ -141,17 +139,6 @@ class MetadataBuilder:
                     "study rebuilds its document", task.study_uid)
 
 
-def _documents(storage: Storage, paths: list[str]) -> tuple[bytes, int]:
-    docs = []
-    for path in paths:
-        try:
-            with storage.open(path) as fh:
-                docs.append(instance_json(fh))
-        except FileNotFoundError:
-            log.warning("metadata: %s is indexed but missing on disk", path)
-    return orjson.dumps(docs), len(docs)
-
-
 _helper_storage: Storage | None = None  # the metadata helper process's storage
 
 
@@ -174,7 +161,7 @@ def _helper_init(nice: int, parent: int, log_level: str, storage_url: str) -> No
 
 def _documents_in_helper(paths: list[str]) -> tuple[bytes, int]:
     assert _helper_storage is not None
-    return _documents(_helper_storage, paths)
+    return stored_documents(_helper_storage, paths)
 
 
 ACCESS_GROUP = "dicomcloud-access-log"
