@@ -24,7 +24,6 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -70,13 +69,6 @@ def ensure_installed() -> Path:
             f"`npm ci` in {OIDC_DIR} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
         )
     return OIDC_DIR
-
-
-def free_port() -> int:
-    """A currently free TCP port on 127.0.0.1."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 # -- keys -------------------------------------------------------------------------------------

@@ -23,8 +23,16 @@ from pydicom.uid import generate_uid
 from dicomcloud.auth import Authenticator
 from dicomcloud.config import AuthSettings, load_settings
 from dicomcloud.errors import BackendError, ConfigError, Forbidden, Unauthorized
-from tests.oidc_provider import OidcProvider, ec_jwk, free_port, rsa_jwk, sign
-from tests.support import Archive, make_ct, multipart, part10_bytes, rows_where, wait_until
+from tests.oidc_provider import OidcProvider, ec_jwk, rsa_jwk, sign
+from tests.support import (
+    Archive,
+    free_port,
+    make_ct,
+    multipart,
+    part10_bytes,
+    rows_where,
+    wait_until,
+)
 
 AUDIENCE = "https://dicomcloud.test/dicomweb"
 HOSP_AE, HOSP = "HOSPB", "hospb"

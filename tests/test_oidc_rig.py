@@ -12,11 +12,11 @@ from jose.exceptions import JOSEError
 from tests.oidc_provider import (
     OidcProvider,
     ec_jwk,
-    free_port,
     public_jwk,
     rsa_jwk,
     sign,
 )
+from tests.support import free_port
 
 AUDIENCE = "https://dicomcloud.test/api"
 CLIENTS = [
